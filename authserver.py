@@ -1,0 +1,1436 @@
+"""authserver: a JWT login server in one file, standard library only.
+
+A JSON Web Token (RFC 7519) is three base64url strings joined by dots. This is a
+real one, as this server issues it, signed with the secret
+"correct horse battery staple, 32B+" (node-jsonwebtoken makes the same bytes):
+
+    eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9
+    .eyJpZCI6ODE2MjMsInVzZXJuYW1lIjoidGVzdCIsImlhdCI6MTcwMDAwMDAwMCwiZXhwIjoxNzAwMDAzNjAwfQ
+    .OfOVso6I8mP7uI5wrbaKcu7pScfscL-yLQEXLJvHwg8
+
+- header    = base64url('{"alg":"HS256","typ":"JWT"}'): how the token is signed.
+- payload   = base64url('{"id":81623,"username":"test","iat":1700000000,"exp":1700003600}'):
+              the claims: who the user is, when the token was issued, when it expires.
+- signature = base64url(HMAC-SHA256(secret, header + "." + payload)): only a holder of the
+              secret can make it, so nobody can change a claim without the server noticing.
+
+The payload is encoded, not encrypted: anyone can read it. What the server checks is that
+the signature matches, that the algorithm is the one it uses (HS256, never "none"), and
+that the token has not expired. `python authserver.py explain TOKEN` walks through every check.
+
+The file reads top to bottom, each section using only what stands above it:
+
+    1. Settings            config.json, the signing secret, the limits
+    2. base64url           RFC 4648 §5, strict
+    3. JWT                 encode_token / decode_token: pure functions, no HTTP
+    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter
+    5. HTTP errors         one HTTPError, one JSON responder
+    6. Middleware          a list of small steps every request goes through
+    7. Routes              a table of (method, path) -> function
+    8. The handler         reading a request within limits, writing one response
+    9. Server and CLI      serving, adduser / passwd / token / explain
+
+It is the Node.js "JWT authentication server" tutorial's API, made safe: a teaching
+example and a LAN demo, not a production identity provider (see README.md).
+"""
+
+import argparse
+import base64
+import binascii
+import functools
+import getpass
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+from collections import OrderedDict, deque
+from datetime import datetime, timezone
+from email.utils import formatdate
+from http import HTTPStatus
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# 1. Settings
+# ---------------------------------------------------------------------------
+
+# Every key config.json may hold, with its default. An unknown key is refused, so a
+# misspelt "tokenLifeTime" is an error rather than a silent default.
+DEFAULT_CONFIG = {
+    "secret": "",                  # empty: generate one on first start, keep it in secretFile
+    "secretFile": "authserver.secret",  # relative to the config file's folder
+    "tokenLifetime": "1h",         # seconds, or "30s", "30m", "1h", "2d"
+    "host": "127.0.0.1",
+    "port": 4000,
+    "leeway": 0,                   # seconds of clock skew allowed on exp, nbf and iat
+    "issuer": None,                # when set: tokens carry "iss" and must carry it back
+    "audience": None,              # likewise "aud"
+    "maxBodyBytes": 16384,
+    "requestTimeout": 10,          # seconds a client has to send a whole request
+    "loginAttempts": 5,            # failed logins allowed per user and per address ...
+    "loginWindow": 60,             # ... in this many seconds
+    "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
+    "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
+    "accessLog": True,
+}
+
+MIN_SECRET_BYTES = 32          # RFC 7518 §3.2: an HS256 key at least as long as the hash
+MAX_TOKEN_BYTES = 8192         # refuse longer tokens before doing any work on them
+MAX_LINE_BYTES = 8192          # request line
+MAX_HEADER_BYTES = 16384       # all header lines together, like Node's default
+MAX_HEADERS = 100
+DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """A problem with a file or setting the user controls; one line, exit code 2."""
+
+
+def parse_duration(value, name):
+    """Seconds from 3600 or "3600", "30m", "1h", "2d"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(f'{name} must be a positive number of seconds or like "30m", "1h", "2d"')
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def read_json_file(path, what):
+    """Parse a JSON file, turning every failure into one ConfigError line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{what} {path}: {error}") from None
+
+
+def load_config(path):
+    """config.json merged over the defaults, checked, with tokenLifetime in seconds."""
+    loaded = read_json_file(path, "config file")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: must hold a JSON object")
+    unknown = sorted(set(loaded) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
+    config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
+    config["tokenLifetime"] = parse_duration(config["tokenLifetime"], "tokenLifetime")
+    for name in ("port", "leeway", "maxBodyBytes", "requestTimeout", "loginAttempts",
+                 "loginWindow", "passwordIterations", "shutdownGrace"):
+        value = config[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"config file {path}: {name} must be a number >= 0")
+    for name in ("secret", "secretFile", "host"):
+        if not isinstance(config[name], str):
+            raise ConfigError(f"config file {path}: {name} must be a string")
+    return config
+
+
+def write_file_atomically(path, text, mode=0o600):
+    """Replace path with text so that a crash leaves either the old file or the new one.
+
+    The text goes to a temporary file in the same folder, is flushed to disk, and
+    only then renamed over the old name: os.replace is atomic on POSIX and Windows.
+    """
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_secret(config):
+    """The HMAC key as bytes: config's "secret", else secretFile, made on first start."""
+    if config["secret"]:
+        return checked_secret(config["secret"], f"secret in {config['path']}")
+    path = config["path"].parent / config["secretFile"]
+    if not path.exists():
+        # 256 random bits, different on every install: a secret shipped in the
+        # repository would let anyone who read it sign tokens for any user.
+        try:
+            write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
+        except OSError as error:
+            raise ConfigError(f"cannot create secret file {path}: {error}") from None
+    try:
+        return checked_secret(path.read_text(encoding="utf-8").strip(), f"secret file {path}")
+    except OSError as error:
+        raise ConfigError(f"secret file {path}: {error}") from None
+
+
+def checked_secret(text, where):
+    """Refuse secrets too short to be an HS256 key."""
+    key = text.encode("utf-8")
+    if len(key) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{where} is {len(key)} bytes; HS256 needs at least {MIN_SECRET_BYTES} "
+            f"(RFC 7518 §3.2). Make one with: "
+            f"python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+    return key
+
+
+# ---------------------------------------------------------------------------
+# 2. base64url (RFC 4648 §5): the alphabet A-Z a-z 0-9 - _, with no "=" padding
+# ---------------------------------------------------------------------------
+
+BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def b64url_encode(data):
+    """bytes -> base64url text without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text):
+    """base64url text -> bytes; ValueError unless the text is exactly what we would write.
+
+    Strict on purpose: no padding, no other alphabet, and no second spelling of the
+    same bytes (unused low bits must be zero), so every token has one form only.
+    """
+    if not BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
+
+
+# ---------------------------------------------------------------------------
+# 3. JWT: HS256 tokens (RFC 7519, RFC 7515), as pure functions
+# ---------------------------------------------------------------------------
+
+# The one header this server writes. Its encoded form never changes, so it is computed
+# once; a token that arrives with exactly these bytes needs no header parsing.
+HS256_HEADER = {"alg": "HS256", "typ": "JWT"}
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+HS256_HEADER_SEGMENT = b64url_encode(COMPACT_JSON.encode(HS256_HEADER).encode("utf-8"))
+
+
+def reject_constant(name):
+    """JSON allows no NaN or Infinity; Python's parser does unless told not to."""
+    raise ValueError(f"{name} is not JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant)
+
+
+def parse_json_object(data):
+    """UTF-8 bytes -> dict; ValueError for anything else (also for absurd nesting)."""
+    try:
+        value = STRICT_JSON.decode(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+# The error names and messages are node-jsonwebtoken's, so apps written for the
+# tutorial can tell an expired token (log in again) from a forged one.
+class TokenError(Exception):
+    """A token that must not be trusted; name and message go to the client."""
+    name = "JsonWebTokenError"
+
+
+class TokenExpiredError(TokenError):
+    name = "TokenExpiredError"
+
+
+class NotBeforeError(TokenError):
+    name = "NotBeforeError"
+
+
+def as_key(secret):
+    """The HMAC key: bytes as given, text as UTF-8."""
+    return secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+
+
+def sign(signing_input, key):
+    """HMAC-SHA256 of the signing input (RFC 7518 §3.2)."""
+    return hmac.digest(key, signing_input, "sha256")
+
+
+def encode_token(claims, secret):
+    """Claims -> "header.payload.signature", signed with HS256."""
+    payload_segment = b64url_encode(COMPACT_JSON.encode(claims).encode("utf-8"))
+    signing_input = f"{HS256_HEADER_SEGMENT}.{payload_segment}"
+    signature = sign(signing_input.encode("ascii"), as_key(secret))
+    return f"{signing_input}.{b64url_encode(signature)}"
+
+
+def make_claims(user, now, lifetime, issuer=None, audience=None):
+    """What a login token says: who, issued when, valid until when (and for whom)."""
+    claims = {"id": user["id"], "username": user["username"],
+              "iat": int(now), "exp": int(now) + lifetime}
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return claims
+
+
+# decode_token is these five steps in order; `explain` prints each one as it runs it.
+
+def split_token(token):
+    """Step 1: exactly three segments of base64url characters, not absurdly long."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+        raise TokenError("jwt malformed")
+    segments = token.split(".")
+    if len(segments) != 3 or not segments[0] or not segments[1]:
+        raise TokenError("jwt malformed")
+    if not all(BASE64URL.fullmatch(segment) for segment in segments):
+        raise TokenError("jwt malformed")
+    return segments
+
+
+def read_header(header_segment):
+    """Step 2: the header is a JSON object saying alg HS256, and nothing we can't honour."""
+    if header_segment == HS256_HEADER_SEGMENT:
+        return HS256_HEADER
+    try:
+        header = parse_json_object(b64url_decode(header_segment))
+    except ValueError:
+        raise TokenError("invalid token") from None
+    if "crit" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand must make the token invalid.
+        raise TokenError("invalid token")
+    # The one algorithm we sign with. Trusting the token's own "alg" is the classic JWT
+    # hole: "none" would need no signature at all.
+    if header.get("alg") != "HS256":
+        raise TokenError("invalid algorithm")
+    return header
+
+
+def check_signature(signing_input, signature_segment, key):
+    """Step 3: recompute HMAC-SHA256 over the bytes received, compare in constant time."""
+    if not signature_segment:
+        raise TokenError("jwt signature is required")
+    try:
+        presented = b64url_decode(signature_segment)
+    except ValueError:
+        raise TokenError("invalid signature") from None
+    if not hmac.compare_digest(sign(signing_input, key), presented):
+        raise TokenError("invalid signature")
+
+
+def read_payload(payload_segment):
+    """Step 4: only after the signature checks out, read the claims."""
+    try:
+        return parse_json_object(b64url_decode(payload_segment))
+    except ValueError:
+        raise TokenError("invalid token") from None
+
+
+def is_number(value):
+    """JSON numbers only: True and "1700000000" are not times."""
+    return type(value) in (int, float)
+
+
+def check_claims(claims, now, leeway=0, issuer=None, audience=None):
+    """Step 5: the token is in its lifetime, and was made for us."""
+    if "nbf" in claims:
+        if not is_number(claims["nbf"]):
+            raise TokenError("invalid nbf value")
+        if claims["nbf"] > now + leeway:
+            raise NotBeforeError("jwt not active")
+    if "iat" in claims:
+        if not is_number(claims["iat"]):
+            raise TokenError("invalid iat value")
+        if claims["iat"] > now + leeway:
+            raise NotBeforeError("jwt not active")
+    # We always set exp, so a token without one was not made by us.
+    if not is_number(claims.get("exp")):
+        raise TokenError("invalid exp value")
+    if now >= claims["exp"] + leeway:
+        raise TokenExpiredError("jwt expired")
+    if audience is not None:
+        presented = claims.get("aud")
+        audiences = presented if isinstance(presented, list) else [presented]
+        if audience not in audiences:
+            raise TokenError(f"jwt audience invalid. expected: {audience}")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise TokenError(f"jwt issuer invalid. expected: {issuer}")
+
+
+def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
+    """Verify a token and return its claims; TokenError (or a subclass) if it fails."""
+    header_segment, payload_segment, signature_segment = split_token(token)
+    read_header(header_segment)
+    signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
+    check_signature(signing_input, signature_segment, as_key(secret))
+    claims = read_payload(payload_segment)
+    check_claims(claims, time.time() if now is None else now, leeway, issuer, audience)
+    return claims
+
+
+# ---------------------------------------------------------------------------
+# 4. Users and passwords
+# ---------------------------------------------------------------------------
+
+# Stored as Django does it: "pbkdf2_sha256$<iterations>$<salt>$<base64 hash>". The
+# string says how it was made, so the iteration count can rise without breaking
+# old hashes. PBKDF2-HMAC-SHA256 at 600,000 rounds is OWASP's 2023 advice.
+HASH_ALGORITHM = "pbkdf2_sha256"
+MAX_ITERATIONS = 10_000_000
+
+
+def hash_password(password, iterations=DEFAULT_CONFIG["passwordIterations"], salt=None):
+    """A salted, slow, self-describing hash of password."""
+    salt = salt or secrets.token_urlsafe(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt.encode("ascii"),
+                                 iterations)
+    return f"{HASH_ALGORITHM}${iterations}${salt}${base64.b64encode(digest).decode('ascii')}"
+
+
+def split_password_hash(encoded):
+    """(iterations, salt, digest) from a stored hash; ValueError if it is not one."""
+    parts = encoded.split("$") if isinstance(encoded, str) else []
+    if len(parts) != 4 or parts[0] != HASH_ALGORITHM or not parts[1].isdigit():
+        raise ValueError("not a pbkdf2_sha256 hash")
+    iterations = int(parts[1])
+    if not 1 <= iterations <= MAX_ITERATIONS or not parts[2].isascii():
+        raise ValueError("pbkdf2_sha256 hash with impossible parameters")
+    return iterations, parts[2], base64.b64decode(parts[3], validate=True)
+
+
+def verify_password(password, encoded):
+    """Does password match the stored hash? Constant-time comparison."""
+    iterations, salt, expected = split_password_hash(encoded)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt.encode("ascii"),
+                                 iterations)
+    return hmac.compare_digest(digest, expected)
+
+
+def dummy_hash(iterations):
+    """A hash no password matches, for unknown usernames to be checked against.
+
+    Without it, "no such user" would answer in microseconds and "wrong password" in a
+    third of a second, telling an attacker which usernames exist.
+    """
+    return f"{HASH_ALGORITHM}${iterations}$dummysalt${base64.b64encode(bytes(32)).decode()}"
+
+
+def public_record(user):
+    """A user as the API shows it: every field except passwords."""
+    return {name: value for name, value in user.items() if "password" not in name.lower()}
+
+
+def check_users(users, path):
+    """Refuse a users list that is not one; name the user and the fix."""
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
+        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
+    seen_names, seen_ids = set(), set()
+    for user in users:
+        name, user_id = user.get("username"), user.get("id")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"users file {path}: every user needs a username")
+        if type(user_id) not in (int, str):
+            raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
+        if name in seen_names or user_id in seen_ids:
+            raise ConfigError(f"users file {path}: user {name!r} or id {user_id!r} is twice")
+        seen_names.add(name)
+        seen_ids.add(user_id)
+        if "password" in user:
+            raise ConfigError(
+                f"users file {path}: user {name!r} has a plaintext password; replace it "
+                f"with a hash: python authserver.py passwd {name} --users {path}")
+        try:
+            split_password_hash(user.get("passwordHash"))
+        except (ValueError, binascii.Error):
+            raise ConfigError(
+                f"users file {path}: user {name!r} has no valid passwordHash; set one "
+                f"with: python authserver.py passwd {name} --users {path}") from None
+
+
+class UserStore:
+    """users.json, looked up by name and by id, reloaded when the file changes."""
+
+    RECHECK_SECONDS = 1.0
+
+    def __init__(self, path, log=print):
+        self.path = Path(path)
+        self.log = log
+        self.stamp = None
+        self.next_check = 0.0
+        self.by_name, self.by_id, self.public_json = self.read()
+        self.dummy = dummy_hash(max((split_password_hash(user["passwordHash"])[0]
+                                     for user in self.by_name.values()),
+                                    default=DEFAULT_CONFIG["passwordIterations"]))
+
+    def read(self):
+        """Parse and check the file; three lookup tables, or ConfigError."""
+        stamp = self.file_stamp()
+        users = read_json_file(self.path, "users file")
+        check_users(users, self.path)
+        self.stamp = stamp
+        by_name = {user["username"]: user for user in users}
+        by_id = {user["id"]: user for user in users}
+        # getInfo's answer, encoded once per load instead of once per request.
+        public_json = {user["id"]: COMPACT_JSON.encode(public_record(user)).encode("utf-8")
+                       for user in users}
+        return by_name, by_id, public_json
+
+    def file_stamp(self):
+        try:
+            status = self.path.stat()
+            return (status.st_mtime_ns, status.st_size, status.st_ino)
+        except OSError:
+            return None
+
+    def refresh(self, force=False):
+        """Reload if the file changed; at most once a second. A broken file is kept out."""
+        now = time.monotonic()
+        if not force and now < self.next_check:
+            return
+        self.next_check = now + self.RECHECK_SECONDS
+        if self.file_stamp() == self.stamp:
+            return
+        try:
+            tables = self.read()
+        except ConfigError as error:
+            self.stamp = self.file_stamp()      # say it once, not every second
+            self.log(f"users file not reloaded, keeping the last good one: {error}")
+            return
+        # One assignment, so a request sees the old tables or the new, never a mix.
+        self.by_name, self.by_id, self.public_json = tables
+        self.log(f"users file reloaded: {len(tables[0])} users")
+
+    def find_by_id(self, user_id, username):
+        """The user a token speaks of, if it still exists under the same name."""
+        self.refresh()
+        if type(user_id) not in (int, str):         # True == 1, and lists can't be keys
+            return None
+        user = self.by_id.get(user_id)
+        if user is None or type(user["id"]) is not type(user_id) or user["username"] != username:
+            return None
+        return user
+
+
+class LoginLimiter:
+    """Failed logins per key (a username, an address) in a sliding window.
+
+    The table holds at most max_keys keys, dropping the least recently failed, so a
+    flood of made-up usernames cannot grow it without limit.
+    """
+
+    def __init__(self, attempts, window, max_keys=10000):
+        self.attempts, self.window, self.max_keys = attempts, window, max_keys
+        self.failures = OrderedDict()            # key -> deque of failure times
+        self.lock = threading.Lock()
+
+    def retry_after(self, keys, now):
+        """Seconds until any of keys may try again; 0 if all may try now."""
+        wait = 0.0
+        with self.lock:
+            for key in keys:
+                times = self.failures.get(key)
+                while times and times[0] <= now - self.window:
+                    times.popleft()
+                if times and len(times) >= self.attempts:
+                    wait = max(wait, times[0] + self.window - now)
+        return int(wait) + 1 if wait else 0
+
+    def record_failure(self, keys, now):
+        with self.lock:
+            for key in keys:
+                times = self.failures.pop(key, None) or deque(maxlen=max(self.attempts, 1))
+                times.append(now)
+                self.failures[key] = times
+            while len(self.failures) > self.max_keys:
+                self.failures.popitem(last=False)
+
+    def forget(self, key):
+        with self.lock:
+            self.failures.pop(key, None)
+
+
+def decode_password(encoded):
+    """The base64 password the page and apps send -> text; None if it is not base64.
+
+    UTF-8 first (what apps send); Latin-1 otherwise, which is what a browser's
+    btoa() makes of a password like "café".
+    """
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+# ---------------------------------------------------------------------------
+# 5. HTTP errors and the JSON responder
+# ---------------------------------------------------------------------------
+
+class Response:
+    """What goes back: a status, a body (dict -> JSON, or bytes), extra headers."""
+    __slots__ = ("status", "body", "headers", "content_type")
+
+    def __init__(self, status, body=b"", headers=(), content_type="application/json; charset=utf-8"):
+        self.status, self.body, self.headers, self.content_type = status, body, headers, content_type
+
+
+class HTTPError(Exception):
+    """Raise anywhere to answer with status and a JSON {"message": ...}."""
+
+    def __init__(self, status, message, body=None, headers=()):
+        super().__init__(message)
+        self.response = Response(status, body if body is not None else {"message": message},
+                                 headers)
+
+
+def token_refused(error):
+    """401 for a token that failed verification, in the tutorial's shape and RFC 6750's."""
+    description = error.args[0].replace('"', "'")
+    return HTTPError(401, str(error),
+                     body={"error": True, "name": error.name, "message": str(error)},
+                     headers=(("WWW-Authenticate",
+                               f'Bearer error="invalid_token", error_description="{description}"'),))
+
+
+def json_bytes(body):
+    return COMPACT_JSON.encode(body).encode("utf-8")
+
+
+# Sent on every response, errors included: "*" is what the cors package sends by default,
+# and it is what lets test.html call us when opened from disk (origin "null").
+COMMON_HEADERS = (
+    "Access-Control-Allow-Origin: *\r\n"
+    "Access-Control-Expose-Headers: WWW-Authenticate, Retry-After\r\n"
+    "X-Content-Type-Options: nosniff\r\n"
+    "Cache-Control: no-store\r\n"              # tokens and user data are not for caches
+)
+
+
+@functools.lru_cache(maxsize=4)
+def http_date(second):
+    """The Date header, formatted once per second rather than once per request."""
+    return formatdate(second, usegmt=True)
+
+
+@functools.lru_cache(maxsize=4)
+def log_time(second):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+
+
+# ---------------------------------------------------------------------------
+# 6. Middleware: every request runs through these steps, in this order
+# ---------------------------------------------------------------------------
+# A step takes the request and returns a Response to answer now, or None to go on;
+# it may also raise HTTPError. The router is simply the last step.
+
+CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
+HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
+
+
+def answer_preflight(request):
+    """CORS preflight (and any OPTIONS): 204 with what the browser asked to send."""
+    if request.command != "OPTIONS":
+        return None
+    headers = [("Access-Control-Allow-Methods", CORS_METHODS),
+               ("Allow", allowed_methods(request.route_path) or CORS_METHODS)]
+    asked = request.headers.get("access-control-request-headers")
+    if asked and HEADER_LIST.fullmatch(asked):
+        headers += [("Access-Control-Allow-Headers", asked),
+                    ("Vary", "Access-Control-Request-Headers")]
+    return Response(204, headers=headers)
+
+
+def bearer_token(headers):
+    """The token from x-access-token, or from "Authorization: Bearer <token>"."""
+    token = headers.get("x-access-token", "").strip()
+    if token:
+        return token
+    scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+def require_token(request):
+    """Every path but the public ones needs a valid token for a user who still exists."""
+    if request.route_path in PUBLIC_PATHS:
+        return None
+    token = bearer_token(request.headers)
+    if not token:
+        raise HTTPError(403, "No token provided.",
+                        body={"error": True, "message": "No token provided."},
+                        headers=(("WWW-Authenticate", 'Bearer realm="authserver"'),))
+    server = request.server
+    config = server.config
+    try:
+        claims = decode_token(token, server.key, leeway=config["leeway"],
+                              issuer=config["issuer"], audience=config["audience"])
+    except TokenError as error:
+        raise token_refused(error) from None
+    user = server.users.find_by_id(claims.get("id"), claims.get("username"))
+    if user is None:
+        # Signed by us, but its user is gone (or the token never named a real one).
+        raise token_refused(TokenError("user not found"))
+    request.user = user
+    return None
+
+
+def route(request):
+    """Last step: the function for (method, path), or 404 / 405."""
+    method = "GET" if request.command == "HEAD" else request.command
+    action = ROUTES.get((method, request.route_path))
+    if action is not None:
+        return action(request)
+    allowed = allowed_methods(request.route_path)
+    if allowed:
+        raise HTTPError(405, f"Method {request.command} not allowed on {request.route_path}",
+                        headers=(("Allow", allowed),))
+    raise HTTPError(404, f"No route for {request.route_path}")
+
+
+MIDDLEWARE = [answer_preflight, require_token, route]
+
+
+def run_middleware(request):
+    for step in MIDDLEWARE:
+        response = step(request)
+        if response is not None:
+            return response
+    raise AssertionError("the router always answers")
+
+
+# ---------------------------------------------------------------------------
+# 7. Routes
+# ---------------------------------------------------------------------------
+
+def read_credentials(request):
+    """username and the base64 password from a JSON or form body."""
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    try:
+        if content_type == "application/json":
+            fields = parse_json_object(request.body)
+        elif content_type == "application/x-www-form-urlencoded":
+            fields = parse_form(request.body)
+        else:
+            raise HTTPError(415, "Content-Type must be application/json or "
+                                 "application/x-www-form-urlencoded")
+    except ValueError as error:
+        raise HTTPError(400, f"Malformed body: {error}") from None
+    username, password = fields.get("username"), fields.get("password")
+    if username is None or password is None:
+        raise HTTPError(400, "username and password are required")
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise HTTPError(400, "username and password must be strings")
+    if "\x00" in username or "\x00" in password:
+        raise HTTPError(400, "username and password must not contain NUL characters")
+    return username, password
+
+
+def parse_form(body):
+    """application/x-www-form-urlencoded -> dict, each field once; ValueError otherwise."""
+    pairs = urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True,
+                                   strict_parsing=bool(body), errors="strict",
+                                   max_num_fields=20)
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ValueError("a field is repeated")
+    return fields
+
+
+def authenticate(request):
+    """POST /users/authenticate: a token for the right username and password."""
+    username, encoded_password = read_credentials(request)
+    server, now = request.server, time.time()
+    limiter = server.limiter
+    keys = (("user", username), ("address", request.client_address[0]))
+    wait = limiter.retry_after(keys, now)
+    if wait:
+        raise HTTPError(429, f"Too many failed logins; try again in {wait} seconds",
+                        headers=(("Retry-After", str(wait)),))
+    users = server.users
+    users.refresh()
+    user = users.by_name.get(username)
+    password = decode_password(encoded_password)
+    # The hash is always computed, even for an unknown user, so time tells nothing.
+    matches = verify_password(password or "", user["passwordHash"] if user else users.dummy)
+    if not (matches and user and password is not None):
+        limiter.record_failure(keys, now)
+        raise HTTPError(400, "Username or password is incorrect")
+    limiter.forget(keys[0])
+    config = server.config
+    claims = make_claims(user, now, config["tokenLifetime"], config["issuer"], config["audience"])
+    return Response(200, {"token": encode_token(claims, server.key),
+                          "expiresIn": config["tokenLifetime"]})
+
+
+def get_info(request):
+    """GET /users/getInfo: the token's user, without password fields."""
+    return Response(200, request.server.users.public_json[request.user["id"]])
+
+
+def serve_page(request):
+    """GET /: test.html, the login page, which then talks to the server it came from."""
+    page = request.server.page
+    if page is None:
+        raise HTTPError(404, "test.html is not next to authserver.py")
+    return Response(200, page, content_type="text/html; charset=utf-8")
+
+
+ROUTES = {
+    ("POST", "/users/authenticate"): authenticate,
+    ("GET", "/users/getInfo"): get_info,
+    ("GET", "/"): serve_page,
+}
+# As in the tutorial, authentication runs before routing; only these paths skip it.
+PUBLIC_PATHS = {"/users/authenticate", "/"}
+
+
+def allowed_methods(path):
+    """The Allow header for a known path, "" for an unknown one."""
+    methods = sorted(method for method, route_path in ROUTES if route_path == path)
+    if "GET" in methods:
+        methods.append("HEAD")
+    return ", ".join(methods + ["OPTIONS"]) if methods else ""
+
+
+# ---------------------------------------------------------------------------
+# 8. The handler: read one request within limits, run the middleware, write once
+# ---------------------------------------------------------------------------
+
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
+BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection in the middle of a request."""
+
+
+class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: requests read by hand so that every byte is bounded and timed."""
+
+    protocol_version = "HTTP/1.1"      # keep-alive: one connection serves many requests
+    server_version = "authserver/1.0"
+    # Nagle's algorithm holds back a small write until the last one is acknowledged, and
+    # the client delays that ACK: 40 ms lost per keep-alive request. We write each
+    # response in one piece anyway; this makes sure nothing waits.
+    disable_nagle_algorithm = True
+
+    def setup(self):
+        """Wrap in TLS here, in the connection's own thread, not in the accept loop."""
+        if self.server.tls_context is not None:
+            self.server.watch(self.request)
+            try:
+                self.request = self.server.tls_context.wrap_socket(
+                    self.request, server_side=True, do_handshake_on_connect=False)
+                self.request.do_handshake()
+            finally:
+                self.server.unwatch(self.request)
+        super().setup()
+
+    def handle_one_request(self):
+        """Read a request, answer it; the connection stays open only if all went well."""
+        self.close_connection = True
+        self.command, self.path, self.route_path = "-", "-", "-"
+        self.started = time.perf_counter()
+        server = self.server
+        server.watch(self.connection)
+        try:
+            if not self.read_request():
+                return
+        except HTTPError as error:
+            self.send(error.response)       # the stream is out of step: close after
+            return
+        finally:
+            server.unwatch(self.connection)
+        with server.in_flight:
+            try:
+                response = run_middleware(self)
+            except HTTPError as error:
+                response = error.response
+            except Exception:
+                # Our bug, not the client's: the traceback goes to the log, never to them.
+                server.log(f"error in {self.command} {self.route_path}:\n{traceback.format_exc()}")
+                response = Response(500, {"message": "Internal Server Error"})
+            self.send(response)
+
+    # -- reading ------------------------------------------------------------
+
+    def read_request(self):
+        """Request line, headers, body; False if the client left before sending any."""
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return False
+        self.started = time.perf_counter()
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_LINE_BYTES:
+                raise HTTPError(414, "Request line too long")
+            self.fail_incomplete()
+        self.parse_request_line(line)
+        self.headers = self.read_headers()
+        self.body = self.read_body()
+        self.close_connection = self.wants_close()
+        return True
+
+    def fail_incomplete(self):
+        """A request cut short: 408 if we cut it (too slow), else the client left."""
+        if self.server.overdue(self.connection):
+            raise HTTPError(408, "Request not received in time")
+        raise ClientGone("connection closed in the middle of a request")
+
+    def parse_request_line(self, line):
+        """ "GET /users/getInfo HTTP/1.1" -> command, path, version."""
+        parts = line.rstrip(b"\r\n").decode("latin-1").split(" ")
+        if len(parts) != 3:
+            raise HTTPError(400, "Bad request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            if HTTP_VERSION.fullmatch(version):
+                raise HTTPError(505, f"HTTP version {version} is not supported")
+            raise HTTPError(400, "Bad request line")
+        if not TOKEN_CHARS.fullmatch(method):
+            raise HTTPError(400, "Bad request line")
+        if not target.startswith("/") or not target.isascii() or not target.isprintable():
+            raise HTTPError(400, "Bad request target")
+        self.command, self.path, self.request_version = method, target, version
+        self.route_path = target.partition("?")[0]
+        if method not in KNOWN_METHODS:
+            raise HTTPError(501, f"Method {method} is not implemented")
+
+    def read_headers(self):
+        """Header lines into a dict of lower-case names; bounded in size and count."""
+        headers, total = {}, 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1 - total)
+            total += len(line)
+            if total > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS:
+                raise HTTPError(431, "Request headers too large")
+            if not line.endswith(b"\n"):
+                self.fail_incomplete()
+            if line in (b"\r\n", b"\n"):
+                return headers
+            name, colon, value = line.decode("latin-1").partition(":")
+            value = value.strip(" \t\r\n")
+            # No space before the colon, no folded lines, no control characters: each is
+            # a way to make two servers read one request differently (RFC 9112 §5).
+            if not colon or not TOKEN_CHARS.fullmatch(name) or BAD_VALUE_CHARS.search(value):
+                raise HTTPError(400, "Bad header line")
+            name = name.lower()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+
+    def read_body(self):
+        """Exactly Content-Length bytes, and no more than maxBodyBytes of them."""
+        if "transfer-encoding" in self.headers:
+            raise HTTPError(411, "Send a Content-Length; chunked bodies are not accepted")
+        length = self.headers.get("content-length")
+        if length is None:
+            if self.command in ("POST", "PUT", "PATCH"):
+                raise HTTPError(411, "Content-Length required")
+            return b""
+        if not (length.isascii() and length.isdigit()):
+            raise HTTPError(400, "Bad Content-Length")
+        if int(length) > self.server.config["maxBodyBytes"]:
+            raise HTTPError(413, f"Body larger than {self.server.config['maxBodyBytes']} bytes")
+        expect = self.headers.get("expect", "").lower()
+        if expect == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif expect:
+            raise HTTPError(417, "Only Expect: 100-continue is understood")
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            self.fail_incomplete()
+        return body
+
+    def wants_close(self):
+        """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 the other way."""
+        tokens = {token.strip() for token in self.headers.get("connection", "").lower().split(",")}
+        if self.request_version == "HTTP/1.0":
+            return "keep-alive" not in tokens
+        return "close" in tokens
+
+    # -- writing ------------------------------------------------------------
+
+    def send(self, response):
+        """Status line, headers and body in one write, then one log line."""
+        body = response.body
+        payload = body if isinstance(body, bytes) else json_bytes(body)
+        status = response.status
+        now = time.time()
+        if self.server.stopping:
+            self.close_connection = True
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+                 f"Date: {http_date(int(now))}\r\n"
+                 f"Server: {self.server_version}\r\n{COMMON_HEADERS}"]
+        if status != 204:
+            lines.append(f"Content-Type: {response.content_type}\r\n"
+                         f"Content-Length: {len(payload)}\r\n")
+        lines.extend(f"{name}: {value}\r\n" for name, value in response.headers)
+        if self.close_connection:
+            lines.append("Connection: close\r\n")     # say so, or clients see a read error
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" or status == 204 else head + payload)
+        self.server.log_request(self, status, now)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors, made JSON like all of ours."""
+        self.close_connection = True
+        self.send(Response(code, {"message": message or HTTPStatus(code).phrase}))
+
+
+# ---------------------------------------------------------------------------
+# 9. Server and command line
+# ---------------------------------------------------------------------------
+
+class InFlight:
+    """Counts requests being answered, so a stop can wait for them to finish."""
+
+    def __init__(self):
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def __enter__(self):
+        with self.changed:
+            self.count += 1
+
+    def __exit__(self, *exc_info):
+        with self.changed:
+            self.count -= 1
+            self.changed.notify_all()
+
+    def wait_idle(self, timeout):
+        with self.changed:
+            return self.changed.wait_for(lambda: self.count == 0, timeout)
+
+
+class AuthServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, plus one watchman that cuts off slow clients."""
+
+    daemon_threads = True
+    request_queue_size = 1024       # the default of 5 drops connections in a burst
+    allow_reuse_port = False        # a taken port must be an error, not a shared one
+
+    def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
+        self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
+        self.log_stream = log_stream if log_stream is not None else sys.stderr
+        self.limiter = LoginLimiter(config["loginAttempts"], config["loginWindow"])
+        page = HERE / "test.html"
+        self.page = page.read_bytes() if page.exists() else None
+        self.deadlines = {}
+        self.in_flight = InFlight()
+        self.stopping = False
+        self.stopped = threading.Event()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, AuthRequestHandler)
+        threading.Thread(target=self.cut_off_slow_clients, daemon=True).start()
+
+    def server_bind(self):
+        # http.server looks up the host's full DNS name here, which can take seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    # -- slow clients ---------------------------------------------------------
+
+    def watch(self, connection):
+        """The client has requestTimeout seconds to send the next request, whole."""
+        self.deadlines[connection] = time.monotonic() + self.config["requestTimeout"]
+
+    def unwatch(self, connection):
+        self.deadlines.pop(connection, None)
+
+    def overdue(self, connection):
+        deadline = self.deadlines.get(connection)
+        return deadline is not None and time.monotonic() >= deadline
+
+    def cut_off_slow_clients(self):
+        """Shut the reading side of connections past their deadline.
+
+        A per-read socket timeout is not enough: a client sending one byte every few
+        seconds (slowloris) never trips it. Shutting down the read side wakes the
+        handler's blocked read with end-of-file; it then answers 408 and closes.
+        """
+        interval = min(0.25, self.config["requestTimeout"] / 4) or 0.05
+        while not self.stopped.wait(interval):
+            now = time.monotonic()
+            for connection, deadline in list(self.deadlines.items()):
+                if deadline <= now:
+                    try:
+                        socket.socket.shutdown(connection, socket.SHUT_RD)
+                    except OSError:
+                        pass
+
+    # -- logging ------------------------------------------------------------------
+
+    def log(self, message):
+        self.log_stream.write(f"{log_time(int(time.time()))} {message}\n")
+        self.log_stream.flush()
+
+    def log_request(self, handler, status, now):
+        """One line a request: no body, no token, no Authorization header, no query."""
+        if self.config["accessLog"]:
+            elapsed = (time.perf_counter() - handler.started) * 1000
+            self.log_stream.write(f"{log_time(int(now))} {handler.client_address[0]} "
+                                  f"{handler.command} {handler.route_path} {status} "
+                                  f"{elapsed:.1f}ms\n")
+
+    def handle_error(self, request, client_address):
+        """A client's broken connection is one line; anything else is our bug: traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self.log(f"{client_address[0]} connection ended: {error.__class__.__name__}: {error}")
+        else:
+            self.log(f"error with {client_address[0]}:\n{traceback.format_exc()}")
+
+    # -- stopping -------------------------------------------------------------------
+
+    def stop(self):
+        """Stop accepting, let requests in flight finish (up to shutdownGrace), close."""
+        self.stopping = True
+        self.socket.close()
+        busy = self.in_flight.count
+        if busy:
+            self.log(f"stopping: waiting for {busy} request(s) in flight")
+        self.in_flight.wait_idle(self.config["shutdownGrace"])
+        self.stopped.set()
+        self.server_close()
+
+
+def make_server(config_path=None, users_path=None, host=None, port=None,
+                tls_context=None, log_stream=None):
+    """Load config, secret and users, and bind a server (not yet serving)."""
+    config = load_config(config_path or HERE / "config.json")
+    key = load_secret(config)
+    log_stream = log_stream if log_stream is not None else sys.stderr
+    users = UserStore(users_path or HERE / "users.json",
+                      log=lambda message: log_stream.write(f"{log_time(int(time.time()))} {message}\n"))
+    host = config["host"] if host is None else host
+    port = config["port"] if port is None else port
+    try:
+        return AuthServer((host, port), config, users, key, tls_context, log_stream)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
+
+
+def make_tls_context(cert_file, key_file):
+    """A server-side TLS context (TLS 1.2 or newer) from PEM files."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"TLS certificate {cert_file} / key {key_file}: {error}") from None
+    return context
+
+
+def lan_addresses():
+    """This machine's IPv4 addresses that other devices on the LAN can reach."""
+    found = set()
+    try:
+        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
+                                                                socket.AF_INET))
+    except OSError:
+        pass
+    try:
+        # connect() on a UDP socket sends nothing; it only asks the kernel which local
+        # address it would use for the default route (192.0.2.1 is a documentation address).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            found.add(probe.getsockname()[0])
+    except OSError:
+        pass
+    return sorted(address for address in found if not address.startswith(("127.", "0.")))
+
+
+def server_urls(server, scheme):
+    """Every URL the server answers at, for the start-up banner."""
+    host, port = server.server_address[:2]
+    if host in ("0.0.0.0", "::"):
+        urls = [f"{scheme}://127.0.0.1:{port}"]
+        urls += [f"{scheme}://{address}:{port}  (LAN)" for address in lan_addresses()]
+        urls.append(f"{scheme}://10.0.2.2:{port}  (from the Android emulator)")
+        return urls
+    return [f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"]
+
+
+def serve(args):
+    """python authserver.py: serve until Ctrl-C or SIGTERM."""
+    tls_context = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        tls_context = make_tls_context(args.tls_cert, args.tls_key)
+    server = make_server(args.config, args.users, args.host, args.port, tls_context)
+    scheme = "https" if tls_context else "http"
+    print("authserver listening on:", *server_urls(server, scheme), sep="\n  ", flush=True)
+    print("Ctrl-C to stop.", flush=True)
+
+    def stop_serving(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a second SIGTERM stops at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_serving)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.users.refresh(force=True))
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    print("authserver stopped.", flush=True)
+    return 0
+
+
+# -- managing users -----------------------------------------------------------
+
+def read_users_list(path):
+    """The raw list in users.json, for adduser and passwd to edit."""
+    users = read_json_file(path, "users file")
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
+        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
+    return users
+
+
+def read_new_password(stdin=None):
+    """From the terminal with getpass (asked twice), or one line from stdin for scripts."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise ConfigError("the two passwords differ")
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("empty password refused")
+    return password
+
+
+def save_users(path, users):
+    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
+
+
+def iterations_from(config_path):
+    return load_config(config_path or HERE / "config.json")["passwordIterations"]
+
+
+def add_user(args):
+    """python authserver.py adduser NAME: a new user with a hashed password."""
+    path = Path(args.users or HERE / "users.json")
+    users = read_users_list(path)
+    if any(user.get("username") == args.username for user in users):
+        raise ConfigError(f"user {args.username!r} already exists in {path}; "
+                          f"use: python authserver.py passwd {args.username}")
+    taken = {user.get("id") for user in users}
+    user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
+                   if candidate not in taken)
+    user = {"id": user_id, "username": args.username,
+            "passwordHash": hash_password(read_new_password(), iterations_from(args.config))}
+    for field, value in (("firstName", args.first_name), ("lastName", args.last_name),
+                         ("phone", args.phone)):
+        if value is not None:
+            user[field] = value
+    save_users(path, users + [user])
+    print(f"added user {args.username!r} (id {user_id}) to {path}")
+    return 0
+
+
+def change_password(args):
+    """python authserver.py passwd NAME: a new password hash, every other field kept."""
+    path = Path(args.users or HERE / "users.json")
+    users = read_users_list(path)
+    user = next((user for user in users if user.get("username") == args.username), None)
+    if user is None:
+        raise ConfigError(f"no user {args.username!r} in {path}")
+    user.pop("password", None)
+    user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
+    save_users(path, users)
+    print(f"password changed for {args.username!r} in {path}")
+    return 0
+
+
+# -- teaching: token and explain ------------------------------------------------
+
+def issue_token(args):
+    """python authserver.py token NAME: a token exactly as a login would return it."""
+    config = load_config(args.config or HERE / "config.json")
+    users = UserStore(args.users or HERE / "users.json")
+    user = users.by_name.get(args.username)
+    if user is None:
+        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    claims = make_claims(user, time.time(), config["tokenLifetime"], config["issuer"],
+                         config["audience"])
+    print(encode_token(claims, load_secret(config)))
+    return 0
+
+
+class Narrator:
+    """Prints explain's steps, in colour on a terminal unless NO_COLOR is set."""
+
+    COLOURS = {"ok": "32", "fail": "31", "header": "35", "payload": "36", "signature": "33",
+               "dim": "2", "bold": "1"}
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
+
+    def paint(self, text, style):
+        return f"\033[{self.COLOURS[style]}m{text}\033[0m" if self.colour else text
+
+    def say(self, text=""):
+        print(text, file=self.stream)
+
+    def step(self, number, title):
+        self.say()
+        self.say(self.paint(f"{number}. {title}", "bold"))
+
+    def check(self, passed, text):
+        mark = self.paint("ok  ", "ok") if passed else self.paint("FAIL", "fail")
+        self.say(f"   {mark} {text}")
+
+
+def describe_time(name, value, now):
+    """ "exp 1700003600 = 2023-11-14 23:13:20 UTC (in 59m 12s)"."""
+    if not is_number(value):
+        return f"{name} {value!r} (not a number)"
+    when = datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    delta = int(value - now)
+    span = f"{abs(delta) // 3600}h {abs(delta) % 3600 // 60}m {abs(delta) % 60}s"
+    return f"{name} {value} = {when} ({'in ' + span if delta >= 0 else span + ' ago'})"
+
+
+def explain_steps(token, key, config, narrator, now):
+    """Run decode_token's five steps one by one, showing the values; return the claims."""
+    narrator.step(1, "Split at the dots: header.payload.signature  (split_token)")
+    header_segment, payload_segment, signature_segment = split_token(token)
+    for part, segment in (("header", header_segment), ("payload", payload_segment),
+                          ("signature", signature_segment)):
+        narrator.say(f"   {part:<10}{narrator.paint(segment or '(empty)', part)}")
+    narrator.check(True, f"3 segments of base64url, {len(token)} characters")
+
+    narrator.step(2, "Decode the header: base64url -> JSON  (read_header)")
+    try:
+        narrator.say(f"   {b64url_decode(header_segment).decode('utf-8', 'replace')}")
+    except ValueError:
+        narrator.say("   (not base64url)")
+    header = read_header(header_segment)
+    narrator.check(True, 'alg is "HS256", the only algorithm this server accepts; no "crit"')
+
+    narrator.step(3, "Recompute the signature  (check_signature)")
+    signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
+    narrator.say(f"   signing input = header + \".\" + payload ({len(signing_input)} bytes)")
+    computed = b64url_encode(sign(signing_input, key))
+    narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
+    narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
+    narrator.say(f"   presented {narrator.paint(signature_segment or '(empty)', 'signature')}")
+    check_signature(signing_input, signature_segment, key)
+    narrator.check(True, "they match (hmac.compare_digest, constant time)")
+
+    narrator.step(4, "Decode the payload: base64url -> JSON  (read_payload)")
+    claims = read_payload(payload_segment)
+    narrator.say(f"   {COMPACT_JSON.encode(claims)}")
+    for name in ("iat", "nbf", "exp"):
+        if name in claims:
+            narrator.say(f"   {describe_time(name, claims[name], now)}")
+
+    narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
+    check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
+    narrator.check(True, "not before nbf or iat, not after exp")
+    return header, claims
+
+
+def explain(args):
+    """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
+    token = args.token if args.token not in (None, "-") else sys.stdin.read()
+    token = token.strip()
+    config = load_config(args.config or HERE / "config.json")
+    key = load_secret(config)
+    narrator = Narrator(sys.stdout)
+    now = time.time()
+    try:
+        explain_steps(token, key, config, narrator, now)
+    except TokenError as error:
+        narrator.check(False, f"{error.name}: {error}")
+        narrator.say()
+        narrator.say(narrator.paint(
+            f"Verdict: rejected. The server answers 401 "
+            f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
+        return 1
+    narrator.say()
+    narrator.say(narrator.paint("Verdict: valid. The server would accept this token "
+                                "(if its user still exists).", "ok"))
+    return 0
+
+
+def build_parser():
+    """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""
+    parser = argparse.ArgumentParser(
+        prog="authserver.py", description="A JWT login server, standard library only.")
+    parser.add_argument("--host", help="address to listen on (0.0.0.0: the whole LAN)")
+    parser.add_argument("--port", type=int, help="port (default 4000; 0: any free port)")
+    parser.add_argument("--config", help="config file (default: config.json beside this file)")
+    parser.add_argument("--users", help="users file (default: users.json beside this file)")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    parser.set_defaults(action=serve)
+    files = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS, so an option given before the command is not reset by the command.
+    files.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    files.add_argument("--users", default=argparse.SUPPRESS, help="users file")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    adduser = commands.add_parser("adduser", parents=[files], help="add a user")
+    adduser.add_argument("username")
+    adduser.add_argument("--first-name")
+    adduser.add_argument("--last-name")
+    adduser.add_argument("--phone")
+    adduser.set_defaults(action=add_user)
+
+    passwd = commands.add_parser("passwd", parents=[files], help="change a user's password")
+    passwd.add_argument("username")
+    passwd.set_defaults(action=change_password)
+
+    token = commands.add_parser("token", parents=[files], help="print a token for a user")
+    token.add_argument("username")
+    token.set_defaults(action=issue_token)
+
+    explain_command = commands.add_parser("explain", parents=[files],
+                                          help="verify a token step by step")
+    explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
+    explain_command.set_defaults(action=explain)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.action(args)
+    except ConfigError as error:
+        print(f"authserver: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
