@@ -839,49 +839,59 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         """Wrap in TLS here, in the connection's own thread, not in the accept loop."""
         if self.server.tls_context is not None:
+            self.request = self.server.tls_context.wrap_socket(
+                self.request, server_side=True, do_handshake_on_connect=False)
             self.server.watch(self.request)
             try:
-                self.request = self.server.tls_context.wrap_socket(
-                    self.request, server_side=True, do_handshake_on_connect=False)
                 self.request.do_handshake()
+            except OSError:
+                self.request.close()
+                raise
             finally:
                 self.server.unwatch(self.request)
         super().setup()
 
+    def finish(self):
+        super().finish()
+        if self.server.tls_context is not None:
+            self.request.close()    # socketserver closes only the plain socket TLS took over
+
     def handle_one_request(self):
-        """Read a request, answer it; the connection stays open only if all went well."""
+        """Wait for a request; from its first byte on, it is in flight until answered."""
         self.close_connection = True
         self.command, self.path, self.route_path = "-", "-", "-"
-        self.started = time.perf_counter()
         server = self.server
         server.watch(self.connection)
-        try:
-            if not self.read_request():
-                return
-        except HTTPError as error:
-            self.send(error.response)       # the stream is out of step: close after
-            return
-        finally:
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if not line:
             server.unwatch(self.connection)
+            return                  # the client closed, or sat idle past requestTimeout
         with server.in_flight:
+            self.started = time.perf_counter()
+            self.send(self.respond(line))
+
+    def respond(self, request_line):
+        """Read the rest of the request, run it through the middleware: a Response."""
+        try:
             try:
-                response = run_middleware(self)
-            except HTTPError as error:
-                response = error.response
-            except Exception:
-                # Our bug, not the client's: the traceback goes to the log, never to them.
-                server.log(f"error in {self.command} {self.route_path}:\n{traceback.format_exc()}")
-                response = Response(500, {"message": "Internal Server Error"})
-            self.send(response)
+                self.read_request(request_line)
+            finally:
+                self.server.unwatch(self.connection)
+            return run_middleware(self)
+        except HTTPError as error:
+            return error.response
+        except OSError:
+            raise                   # the connection broke: handle_error logs one line
+        except Exception:
+            # Our bug, not the client's: the traceback goes to the log, never to them.
+            self.server.log(f"error in {self.command} {self.route_path}:\n"
+                            f"{traceback.format_exc()}")
+            return Response(500, {"message": "Internal Server Error"})
 
     # -- reading ------------------------------------------------------------
 
-    def read_request(self):
-        """Request line, headers, body; False if the client left before sending any."""
-        line = self.rfile.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return False
-        self.started = time.perf_counter()
+    def read_request(self, line):
+        """Request line, headers, body. Until all are read, the connection will close."""
         if not line.endswith(b"\n"):
             if len(line) > MAX_LINE_BYTES:
                 raise HTTPError(414, "Request line too long")
@@ -890,7 +900,6 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         self.headers = self.read_headers()
         self.body = self.read_body()
         self.close_connection = self.wants_close()
-        return True
 
     def fail_incomplete(self):
         """A request cut short: 408 if we cut it (too slow), else the client left."""
@@ -971,7 +980,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- writing ------------------------------------------------------------
 
     def send(self, response):
-        """Status line, headers and body in one write, then one log line."""
+        """One log line, then status line, headers and body in one write."""
         body = response.body
         payload = body if isinstance(body, bytes) else json_bytes(body)
         status = response.status
@@ -991,8 +1000,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: keep-alive\r\n")
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
+        self.server.log_request(self, status, now)    # first, so the line is there when the client has its answer
         self.wfile.write(head if self.command == "HEAD" or status == 204 else head + payload)
-        self.server.log_request(self, status, now)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors, made JSON like all of ours."""
