@@ -638,6 +638,9 @@ COMMON_HEADERS = (
 )
 
 
+STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
+
+
 @functools.lru_cache(maxsize=4)
 def http_date(second):
     """The Date header, formatted once per second rather than once per request."""
@@ -998,8 +1001,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         now = time.time()
         if self.server.stopping:
             self.close_connection = True
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-                 f"Date: {http_date(int(now))}\r\n"
+        lines = [f"{STATUS_LINES[status]}Date: {http_date(int(now))}\r\n"
                  f"Server: {self.server_version}\r\n{COMMON_HEADERS}"]
         if status != 204:
             lines.append(f"Content-Type: {response.content_type}\r\n"

@@ -1077,6 +1077,15 @@ class TestCommandLine(unittest.TestCase):
         status, _, _ = raw_exchange(server.port, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual(status, 200)
 
+    def test_sighup_reloads_users_at_once(self):
+        files = Files(self)
+        server = ServerProcess(self, "--config", files.config, "--users", files.users)
+        authserver.save_users(files.users, TEST_USERS[:1])
+        server.process.send_signal(signal.SIGHUP)
+        self.assertIn("users file reloaded: 1 users", server.process.stderr.readline())
+        status, _, body = raw_exchange(server.port, post(json.dumps(login_body("ncuser", "ncpassword"))))
+        self.assertEqual(status, 400)
+
     def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(self):
         files = Files(self)
         server = ServerProcess(self, "--config", files.config, "--users", files.users)
