@@ -56,7 +56,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections import OrderedDict, deque
+from collections import OrderedDict, deque, namedtuple
 from datetime import datetime, timezone
 from email.utils import formatdate
 from http import HTTPStatus
@@ -132,14 +132,19 @@ def load_config(path):
         raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
     config["tokenLifetime"] = parse_duration(config["tokenLifetime"], "tokenLifetime")
-    for name in ("port", "leeway", "maxBodyBytes", "requestTimeout", "loginAttempts",
-                 "loginWindow", "passwordIterations", "shutdownGrace"):
-        value = config[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"config file {path}: {name} must be a number >= 0")
+    for name, lowest in (("leeway", 0), ("shutdownGrace", 0), ("requestTimeout", 0.001),
+                         ("maxBodyBytes", 1), ("loginAttempts", 1), ("loginWindow", 1),
+                         ("passwordIterations", 1)):
+        if type(config[name]) not in (int, float) or config[name] < lowest:
+            raise ConfigError(f"config file {path}: {name} must be a number >= {lowest}")
+    if type(config["port"]) is not int or not 0 <= config["port"] <= 65535:
+        raise ConfigError(f"config file {path}: port must be a whole number from 0 to 65535")
     for name in ("secret", "secretFile", "host"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
+    for name in ("issuer", "audience"):
+        if config[name] is not None and not (isinstance(config[name], str) and config[name]):
+            raise ConfigError(f"config file {path}: {name} must be null or a non-empty string")
     return config
 
 
@@ -233,6 +238,11 @@ COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 HS256_HEADER_SEGMENT = b64url_encode(COMPACT_JSON.encode(HS256_HEADER).encode("utf-8"))
 
 
+def json_bytes(value):
+    """Compact JSON as UTF-8 bytes: what goes into tokens and onto the wire."""
+    return COMPACT_JSON.encode(value).encode("utf-8")
+
+
 def reject_constant(name):
     """JSON allows no NaN or Infinity; Python's parser does unless told not to."""
     raise ValueError(f"{name} is not JSON")
@@ -287,7 +297,7 @@ def sign(signing_input, key):
 
 def encode_token(claims, secret):
     """Claims -> "header.payload.signature", signed with HS256."""
-    payload_segment = b64url_encode(COMPACT_JSON.encode(claims).encode("utf-8"))
+    payload_segment = b64url_encode(json_bytes(claims))
     signing_input = f"{HS256_HEADER_SEGMENT}.{payload_segment}"
     signature = sign(signing_input.encode("ascii"), as_key(secret))
     return f"{signing_input}.{b64url_encode(signature)}"
@@ -476,8 +486,17 @@ def check_users(users, path):
                 f"with: python authserver.py passwd {name} --users {path}") from None
 
 
+# A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
+# once per load of the file instead of once per request.
+User = namedtuple("User", "record public_json")
+
+
 class UserStore:
-    """users.json, looked up by name and by id, reloaded when the file changes."""
+    """users.json, looked up by name and by id, reloaded when the file changes.
+
+    The lookup tables are replaced whole, in one assignment, so a request sees the old
+    users or the new ones, never a mix.
+    """
 
     RECHECK_SECONDS = 1.0
 
@@ -486,23 +505,21 @@ class UserStore:
         self.log = log
         self.stamp = None
         self.next_check = 0.0
-        self.by_name, self.by_id, self.public_json = self.read()
-        self.dummy = dummy_hash(max((split_password_hash(user["passwordHash"])[0]
-                                     for user in self.by_name.values()),
-                                    default=DEFAULT_CONFIG["passwordIterations"]))
+        self.tables = self.read()
 
     def read(self):
-        """Parse and check the file; three lookup tables, or ConfigError."""
+        """Parse and check the file: (users by name, users by id, dummy hash), or ConfigError."""
         stamp = self.file_stamp()
-        users = read_json_file(self.path, "users file")
-        check_users(users, self.path)
+        records = read_json_file(self.path, "users file")
+        check_users(records, self.path)
         self.stamp = stamp
-        by_name = {user["username"]: user for user in users}
-        by_id = {user["id"]: user for user in users}
-        # getInfo's answer, encoded once per load instead of once per request.
-        public_json = {user["id"]: COMPACT_JSON.encode(public_record(user)).encode("utf-8")
-                       for user in users}
-        return by_name, by_id, public_json
+        users = [User(record, json_bytes(public_record(record))) for record in records]
+        # Unknown names are checked against a hash as slow as the slowest real one.
+        iterations = max((split_password_hash(record["passwordHash"])[0] for record in records),
+                         default=DEFAULT_CONFIG["passwordIterations"])
+        return ({user.record["username"]: user for user in users},
+                {user.record["id"]: user for user in users},
+                dummy_hash(iterations))
 
     def file_stamp(self):
         try:
@@ -520,22 +537,28 @@ class UserStore:
         if self.file_stamp() == self.stamp:
             return
         try:
-            tables = self.read()
+            self.tables = self.read()
         except ConfigError as error:
             self.stamp = self.file_stamp()      # say it once, not every second
             self.log(f"users file not reloaded, keeping the last good one: {error}")
             return
-        # One assignment, so a request sees the old tables or the new, never a mix.
-        self.by_name, self.by_id, self.public_json = tables
-        self.log(f"users file reloaded: {len(tables[0])} users")
+        self.log(f"users file reloaded: {len(self.tables[0])} users")
+
+    def find_by_name(self, username):
+        """(the User or None, the hash to check the password against: a dummy if None)."""
+        self.refresh()
+        by_name, _, dummy = self.tables
+        user = by_name.get(username)
+        return user, user.record["passwordHash"] if user else dummy
 
     def find_by_id(self, user_id, username):
-        """The user a token speaks of, if it still exists under the same name."""
+        """The User a token speaks of, if it still exists under the same name."""
         self.refresh()
         if type(user_id) not in (int, str):         # True == 1, and lists can't be keys
             return None
-        user = self.by_id.get(user_id)
-        if user is None or type(user["id"]) is not type(user_id) or user["username"] != username:
+        user = self.tables[1].get(user_id)
+        if (user is None or type(user.record["id"]) is not type(user_id)
+                or user.record["username"] != username):
             return None
         return user
 
@@ -622,10 +645,6 @@ def token_refused(error):
                      body={"error": True, "name": error.name, "message": str(error)},
                      headers=(("WWW-Authenticate",
                                f'Bearer error="invalid_token", error_description="{description}"'),))
-
-
-def json_bytes(body):
-    return COMPACT_JSON.encode(body).encode("utf-8")
 
 
 # Sent on every response, errors included: "*" is what the cors package sends by default,
@@ -780,25 +799,24 @@ def authenticate(request):
     if wait:
         raise HTTPError(429, f"Too many failed logins; try again in {wait} seconds",
                         headers=(("Retry-After", str(wait)),))
-    users = server.users
-    users.refresh()
-    user = users.by_name.get(username)
+    user, stored_hash = server.users.find_by_name(username)
     password = decode_password(encoded_password)
     # The hash is always computed, even for an unknown user, so time tells nothing.
-    matches = verify_password(password or "", user["passwordHash"] if user else users.dummy)
+    matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
         limiter.record_failure(keys, now)
         raise HTTPError(400, "Username or password is incorrect")
     limiter.forget(keys[0])
     config = server.config
-    claims = make_claims(user, now, config["tokenLifetime"], config["issuer"], config["audience"])
+    claims = make_claims(user.record, now, config["tokenLifetime"], config["issuer"],
+                         config["audience"])
     return Response(200, {"token": encode_token(claims, server.key),
                           "expiresIn": config["tokenLifetime"]})
 
 
 def get_info(request):
     """GET /users/getInfo: the token's user, without password fields."""
-    return Response(200, request.server.users.public_json[request.user["id"]])
+    return Response(200, request.user.public_json)
 
 
 def serve_page(request):
@@ -1299,10 +1317,10 @@ def issue_token(args):
     """python authserver.py token NAME: a token exactly as a login would return it."""
     config = load_config(args.config or HERE / "config.json")
     users = UserStore(args.users or HERE / "users.json")
-    user = users.by_name.get(args.username)
+    user, _ = users.find_by_name(args.username)
     if user is None:
         raise ConfigError(f"no user {args.username!r} in {users.path}")
-    claims = make_claims(user, time.time(), config["tokenLifetime"], config["issuer"],
+    claims = make_claims(user.record, time.time(), config["tokenLifetime"], config["issuer"],
                          config["audience"])
     print(encode_token(claims, load_secret(config)))
     return 0

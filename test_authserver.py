@@ -400,6 +400,13 @@ class TestConfig(unittest.TestCase):
             authserver.load_config(files.config)
         self.assertIn("tokenLifeTime", str(caught.exception))
 
+    def test_wrong_types_refused(self):
+        for setting in ({"port": 70000}, {"port": "4000"}, {"requestTimeout": 0},
+                        {"loginAttempts": True}, {"issuer": 5}, {"audience": ""}, {"host": None}):
+            with self.subTest(setting), self.assertRaises(authserver.ConfigError) as caught:
+                authserver.load_config(Files(self, **setting).config)
+            self.assertIn(next(iter(setting)), str(caught.exception))
+
     def test_shipped_config_has_no_secret(self):
         config = json.loads((HERE / "config.json").read_text())
         self.assertEqual(config["secret"], "")
@@ -442,6 +449,22 @@ class TestUsersFile(unittest.TestCase):
         status, _, body = client.request("POST", "/users/authenticate", login_body("newbie", "fresh"))
         self.assertEqual(status, 200, body)
         self.assertIn("users file not reloaded, keeping the last good one", server.test_log.getvalue())
+        # A user removed from the file: their still-valid token no longer opens getInfo.
+        newbie_token = body["token"]
+        authserver.save_users(server.users.path, TEST_USERS)
+        status, _, body = client.request("GET", "/users/getInfo",
+                                         headers={"x-access-token": newbie_token})
+        self.assertEqual((status, body["message"]), (401, "user not found"))
+
+    def test_unknown_names_cost_as_much_as_the_slowest_hash_after_a_reload(self):
+        files = Files(self)
+        store = authserver.UserStore(files.users, log=lambda message: None)
+        self.assertEqual(store.find_by_name("nobody")[1].split("$")[1], str(FAST_ITERATIONS))
+        authserver.save_users(files.users, TEST_USERS + [
+            {"id": 9, "username": "slow", "passwordHash": hash_password("x", 2000)}])
+        store.refresh(force=True)
+        self.assertEqual(store.find_by_name("nobody")[1].split("$")[1], "2000")
+        self.assertFalse(verify_password("", store.find_by_name("nobody")[1]))
 
 
 # ---------------------------------------------------------------------------
