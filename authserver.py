@@ -1380,7 +1380,8 @@ def explain_steps(token, key, config, narrator, now):
 
     narrator.step(3, "Recompute the signature  (check_signature)")
     signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
-    narrator.say(f"   signing input = header + \".\" + payload ({len(signing_input)} bytes)")
+    narrator.say(f"   signing input = header + \".\" + payload ({len(signing_input)} bytes):")
+    narrator.say(f"   {narrator.paint(header_segment, 'header')}.{narrator.paint(payload_segment, 'payload')}")
     computed = b64url_encode(sign(signing_input, key))
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")

@@ -775,14 +775,31 @@ class TestHostileHTTP(unittest.TestCase):
         self.assertIn("ZeroDivisionError", self.server.test_log.getvalue())
         self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
 
+    def test_send_error_writes_json(self):
+        # http.server's own error path, kept as a safety net: JSON like every other answer.
+        handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
+        handler.server, handler.wfile = self.server, io.BytesIO()
+        handler.command, handler.route_path, handler.request_version = "GET", "/", "HTTP/1.1"
+        handler.client_address, handler.started = ("127.0.0.1", 1), time.perf_counter()
+        handler.send_error(414)
+        head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 414 Request-URI Too Long\r\n"))
+        self.assertIn(b"Connection: close", head)
+        self.assertEqual(json.loads(body), {"message": "Request-URI Too Long"})
+
     def test_reset_connection_is_one_log_line(self):
-        with socket.create_connection(("127.0.0.1", self.server.server_address[1])) as sock:
-            sock.sendall(b"POST /users/authenticate HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
-        # The server notices the close, logs it, and serves the next client.
+        handled = threading.Event()
+        original = self.server.handle_error
+
+        def noting(request, client_address):
+            original(request, client_address)
+            handled.set()
+        with mock.patch.object(self.server, "handle_error", noting):
+            with socket.create_connection(("127.0.0.1", self.server.server_address[1])) as sock:
+                sock.sendall(b"POST /users/authenticate HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            self.assertTrue(handled.wait(10))
+        # The server logged the close in one line, and serves the next client.
         self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
-        deadline = time.monotonic() + 5
-        while "connection ended" not in self.server.test_log.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.01)
         log = self.server.test_log.getvalue()
         self.assertIn("connection ended: ClientGone", log)
         self.assertNotIn("Traceback", log)
@@ -1091,6 +1108,31 @@ class TestCommandLine(unittest.TestCase):
         out = run_cli("explain", expired, "--config", files.config).stdout
         self.assertIn("ago)", out)
 
+    @unittest.skipUnless(hasattr(os, "openpty"), "needs a POSIX terminal")
+    def test_explain_colours_a_terminal_unless_no_color(self):
+        files = Files(self)
+        for environment, coloured in (({}, True), ({"NO_COLOR": "1"}, False)):
+            leader, follower = os.openpty()
+            env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+            process = subprocess.Popen(
+                [sys.executable, str(HERE / "authserver.py"), "explain", token_for(),
+                 "--config", str(files.config)],
+                stdout=follower, stderr=follower, env={**env, **environment})
+            os.close(follower)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:                     # the terminal closed: the program ended
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            os.close(leader)
+            self.assertEqual(process.wait(timeout=30), 0)
+            self.assertIn(b"Verdict: valid", output)
+            self.assertEqual(b"\033[" in output, coloured, environment)
+
     def test_lan_banner_lists_urls(self):
         files = Files(self)
         server = ServerProcess(self, "--host", "0.0.0.0", "--config", files.config, "--users", files.users)
@@ -1108,6 +1150,14 @@ class TestCommandLine(unittest.TestCase):
         self.assertIn("users file reloaded: 1 users", server.process.stderr.readline())
         status, _, body = raw_exchange(server.port, post(json.dumps(login_body("ncuser", "ncpassword"))))
         self.assertEqual(status, 400)
+
+    def test_ctrl_c_stops_cleanly(self):
+        files = Files(self)
+        server = ServerProcess(self, "--config", files.config, "--users", files.users)
+        server.process.send_signal(signal.SIGINT)
+        self.assertEqual(server.process.wait(timeout=10), 0)
+        self.assertEqual(server.process.stdout.read(), "authserver stopped.\n")
+        self.assertNotIn("Traceback", server.process.stderr.read())
 
     def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(self):
         files = Files(self)
