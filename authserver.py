@@ -500,7 +500,7 @@ class UserStore:
 
     RECHECK_SECONDS = 1.0
 
-    def __init__(self, path, log=print):
+    def __init__(self, path, log=lambda message: None):
         self.path = Path(path)
         self.log = log
         self.stamp = None
@@ -1163,15 +1163,15 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     """Load config, secret and users, and bind a server (not yet serving)."""
     config = load_config(config_path or HERE / "config.json")
     key = load_secret(config)
-    log_stream = log_stream if log_stream is not None else sys.stderr
-    users = UserStore(users_path or HERE / "users.json",
-                      log=lambda message: log_stream.write(f"{log_time(int(time.time()))} {message}\n"))
+    users = UserStore(users_path or HERE / "users.json")
     host = config["host"] if host is None else host
     port = config["port"] if port is None else port
     try:
-        return AuthServer((host, port), config, users, key, tls_context, log_stream)
+        server = AuthServer((host, port), config, users, key, tls_context, log_stream)
     except OSError as error:
         raise ConfigError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
+    users.log = server.log          # reloads are worth a line in the server's log
+    return server
 
 
 def make_tls_context(cert_file, key_file):
