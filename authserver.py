@@ -1358,7 +1358,7 @@ def describe_time(name, value, now):
     when = datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     delta = int(value - now)
     span = f"{abs(delta) // 3600}h {abs(delta) % 3600 // 60}m {abs(delta) % 60}s"
-    return f"{name} {value} = {when} ({'in ' + span if delta >= 0 else span + ' ago'})"
+    return f"{name} {value} = {when} ({'in ' + span if delta > 0 else span + ' ago'})"
 
 
 def explain_steps(token, key, config, narrator, now):

@@ -356,6 +356,12 @@ class TestPasswords(unittest.TestCase):
             self.assertTrue(user["passwordHash"].startswith("pbkdf2_sha256$600000$"))
             self.assertTrue(verify_password(password, user["passwordHash"]))
 
+    def test_no_password_field_is_ever_public(self):
+        record = {"id": 1, "username": "u", "passwordHash": "x", "oldPassword": "y",
+                  "PASSWORD_HINT": "z", "email": "u@example.org"}
+        self.assertEqual(authserver.public_record(record),
+                         {"id": 1, "username": "u", "email": "u@example.org"})
+
     def test_password_decoding(self):
         self.assertEqual(authserver.decode_password(b64("pässwörd")), "pässwörd")
         latin1 = base64.b64encode("café".encode("latin-1")).decode()     # what btoa() sends
