@@ -1355,7 +1355,10 @@ def describe_time(name, value, now):
     """ "exp 1700003600 = 2023-11-14 23:13:20 UTC (in 59m 12s)"."""
     if not is_number(value):
         return f"{name} {value!r} (not a number)"
-    when = datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        when = datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"{name} {value} (beyond any calendar date)"
     delta = int(value - now)
     span = f"{abs(delta) // 3600}h {abs(delta) % 3600 // 60}m {abs(delta) % 60}s"
     return f"{name} {value} = {when} ({'in ' + span if delta > 0 else span + ' ago'})"
@@ -1372,7 +1375,9 @@ def explain_steps(token, key, config, narrator, now):
 
     narrator.step(2, "Decode the header: base64url -> JSON  (read_header)")
     try:
-        narrator.say(f"   {b64url_decode(header_segment).decode('utf-8', 'replace')}")
+        header_text = b64url_decode(header_segment).decode("utf-8", "replace")
+        # A hostile token must not reach the terminal's control sequences.
+        narrator.say("   " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in header_text))
     except ValueError:
         narrator.say("   (not base64url)")
     header = read_header(header_segment)

@@ -1116,6 +1116,18 @@ class TestCommandLine(unittest.TestCase):
         out = run_cli("explain", expired, "--config", files.config).stdout
         self.assertIn("ago)", out)
 
+    def test_explain_survives_hostile_tokens(self):
+        files = Files(self)
+        far = forge(GOOD_HEADER, {"id": 81623, "username": "test", "exp": 10 ** 20})
+        result = run_cli("explain", far, "--config", files.config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("exp 100000000000000000000 (beyond any calendar date)", result.stdout)
+        raw_escape = b64url_encode(b'{"alg":"HS256","x":"\x1b[2J"}')     # not even JSON
+        result = run_cli("explain", f"{raw_escape}.{BODY}.{SIGNATURE}", "--config", files.config)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
+        self.assertIn('{"alg":"HS256","x":"\\x1b[2J"}', result.stdout)
+        self.assertNotIn("\x1b", result.stdout)
+
     @unittest.skipUnless(hasattr(os, "openpty"), "needs a POSIX terminal")
     def test_explain_colours_a_terminal_unless_no_color(self):
         files = Files(self)
