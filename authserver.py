@@ -675,7 +675,8 @@ def log_time(second):
 # 6. Middleware: every request runs through these steps, in this order
 # ---------------------------------------------------------------------------
 # A step takes the request and returns a Response to answer now, or None to go on;
-# it may also raise HTTPError. The router is simply the last step.
+# it may also raise HTTPError. The router is simply the last step; the table it looks
+# in, ROUTES, is the next section.
 
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
@@ -891,7 +892,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Wait for a request; from its first byte on, it is in flight until answered."""
         self.close_connection = True
-        self.command, self.path, self.route_path = "-", "-", "-"
+        self.command, self.route_path = "-", "-"        # what the log says if reading fails
         server = self.server
         server.watch(self.connection)
         line = self.rfile.readline(MAX_LINE_BYTES + 1)
@@ -953,8 +954,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "Bad request line")
         if not target.startswith("/") or not target.isascii() or not target.isprintable():
             raise HTTPError(400, "Bad request target")
-        self.command, self.path, self.request_version = method, target, version
-        self.route_path = target.partition("?")[0]
+        self.command, self.request_version = method, version
+        self.route_path = target.partition("?")[0]      # the query string plays no part
         if method not in KNOWN_METHODS:
             raise HTTPError(501, f"Method {method} is not implemented")
 
@@ -983,22 +984,23 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         """Exactly Content-Length bytes, and no more than maxBodyBytes of them."""
         if "transfer-encoding" in self.headers:
             raise HTTPError(411, "Send a Content-Length; chunked bodies are not accepted")
-        length = self.headers.get("content-length")
-        if length is None:
+        length_text = self.headers.get("content-length")
+        if length_text is None:
             if self.command in ("POST", "PUT", "PATCH"):
                 raise HTTPError(411, "Content-Length required")
             return b""
-        if not (length.isascii() and length.isdigit()):
+        if not (length_text.isascii() and length_text.isdigit()):
             raise HTTPError(400, "Bad Content-Length")
-        if int(length) > self.server.config["maxBodyBytes"]:
-            raise HTTPError(413, f"Body larger than {self.server.config['maxBodyBytes']} bytes")
+        length, limit = int(length_text), self.server.config["maxBodyBytes"]
+        if length > limit:
+            raise HTTPError(413, f"Body larger than {limit} bytes")
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif expect:
             raise HTTPError(417, "Only Expect: 100-continue is understood")
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
+        body = self.rfile.read(length)
+        if len(body) < length:
             self.fail_incomplete()
         return body
 
