@@ -820,12 +820,20 @@ def get_info(request):
     return Response(200, request.user.public_json)
 
 
+# The page may talk to this server only, and may not be framed by another site: even a
+# tampered copy of it could not send a password elsewhere.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+               "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+               "frame-ancestors 'none'")
+
+
 def serve_page(request):
     """GET /: test.html, the login page, which then talks to the server it came from."""
     page = request.server.page
     if page is None:
         raise HTTPError(404, "test.html is not next to authserver.py")
-    return Response(200, page, content_type="text/html; charset=utf-8")
+    return Response(200, page, headers=(("Content-Security-Policy", PAGE_POLICY),),
+                    content_type="text/html; charset=utf-8")
 
 
 ROUTES = {

@@ -623,6 +623,8 @@ class TestAPI(unittest.TestCase):
         status, response, body = self.client.request("GET", "/")
         self.assertEqual(status, 200)
         self.assertEqual(response.getheader("Content-Type"), "text/html; charset=utf-8")
+        self.assertIn("connect-src 'self'", response.getheader("Content-Security-Policy"))
+        self.assertIn("frame-ancestors 'none'", response.getheader("Content-Security-Policy"))
         self.assertEqual(body, (HERE / "test.html").read_bytes())
         for element in ('id="id_username"', 'id="id_password"', "id='btn'", "id='infoBtn'",
                         'id="output"'):
@@ -633,6 +635,7 @@ class TestAPI(unittest.TestCase):
         self.assertNotRegex(page, r"(src|href)\s*=\s*['\"]?(https?:)?//")
         self.assertNotIn("@import", page)
         self.assertIn("'http://localhost:4000'", page)       # opened from disk
+        self.assertIn("location.protocol.startsWith('http') ? location.origin", page)  # served
         self.assertIn("params.get('api')", page)
 
     def test_log_has_one_line_per_request_and_no_secrets(self):
