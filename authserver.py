@@ -803,7 +803,8 @@ def authenticate(request):
     user, stored_hash = server.users.find_by_name(username)
     password = decode_password(encoded_password)
     # The hash is always computed, even for an unknown user, so time tells nothing.
-    matches = verify_password(password or "", stored_hash)
+    with server.hashing:
+        matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
         limiter.record_failure(keys, now)
         raise HTTPError(400, "Username or password is incorrect")
@@ -1086,6 +1087,10 @@ class AuthServer(http.server.ThreadingHTTPServer):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
         self.limiter = LoginLimiter(config["loginAttempts"], config["loginWindow"])
+        # One password hash per CPU at a time: a burst of logins waits its turn instead of
+        # taking every core from the requests behind it. (The limiter counts only failures
+        # already made, so it cannot stop a burst sent all at once.)
+        self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
         self.deadlines = {}

@@ -685,6 +685,33 @@ class TestBruteForce(unittest.TestCase):
         self.assertEqual(client.request("POST", "/users/authenticate", login_body("ncuser", "ncpassword"))[0], 429)
         client.close()
 
+    def test_password_hashes_run_one_per_cpu_at_most(self):
+        server = start_server(self, loginAttempts=100)
+        server.hashing = threading.BoundedSemaphore(2)
+        running, most, lock = [0], [0], threading.Lock()
+        original = hashlib.pbkdf2_hmac
+
+        def slow_hash(*args):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)                        # stands in for the cost of a real hash
+            with lock:
+                running[0] -= 1
+            return original(*args)
+        answers = []
+
+        def login():
+            answers.append(raw_exchange(server, post(json.dumps(login_body())))[0])
+        with mock.patch("hashlib.pbkdf2_hmac", side_effect=slow_hash):
+            threads = [threading.Thread(target=login) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(answers, [200] * 6)
+        self.assertLessEqual(most[0], 2)
+
     def test_window_slides_and_memory_is_bounded(self):
         limiter = authserver.LoginLimiter(attempts=2, window=60, max_keys=100)
         limiter.record_failure([("user", "a")], 1000)
