@@ -1379,8 +1379,8 @@ def describe_time(name, value, now):
     return f"{name} {value} = {when} ({'in ' + span if delta > 0 else span + ' ago'})"
 
 
-def explain_steps(token, key, config, narrator, now):
-    """Run decode_token's five steps one by one, showing the values; return the claims."""
+def explain_steps(token, key, config, users, narrator, now):
+    """Run decode_token's five steps one by one, then find the user, as require_token does."""
     narrator.step(1, "Split at the dots: header.payload.signature  (split_token)")
     header_segment, payload_segment, signature_segment = split_token(token)
     for part, segment in (("header", header_segment), ("payload", payload_segment),
@@ -1419,6 +1419,11 @@ def explain_steps(token, key, config, narrator, now):
     narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
     check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
     narrator.check(True, "not before nbf or iat, not after exp")
+
+    narrator.step(6, f"Find the user in {users.path}  (require_token)")
+    if users.find_by_id(claims.get("id"), claims.get("username")) is None:
+        raise TokenError("user not found")
+    narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
     return header, claims
 
 
@@ -1428,10 +1433,11 @@ def explain(args):
     token = token.strip()
     config = load_config(args.config or HERE / "config.json")
     key = load_secret(config)
+    users = UserStore(args.users or HERE / "users.json")
     narrator = Narrator(sys.stdout)
     now = time.time()
     try:
-        explain_steps(token, key, config, narrator, now)
+        explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:
         narrator.check(False, f"{error.name}: {error}")
         narrator.say()
@@ -1440,8 +1446,7 @@ def explain(args):
             f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
         return 1
     narrator.say()
-    narrator.say(narrator.paint("Verdict: valid. The server would accept this token "
-                                "(if its user still exists).", "ok"))
+    narrator.say(narrator.paint("Verdict: valid. The server would accept this token.", "ok"))
     return 0
 
 

@@ -1122,38 +1122,44 @@ class TestCommandLine(unittest.TestCase):
              "JsonWebTokenError: invalid algorithm"),
             (expired, 1, "TokenExpiredError: jwt expired"),
             ("not-a-token", 1, "JsonWebTokenError: jwt malformed"),
+            (token_for(99999, "ghost"), 1, "JsonWebTokenError: user not found"),
         ]
+        server = start_server(self, files)                     # what the server itself says
+        client = Client(server)
+        self.addCleanup(client.close)
         for token, code, verdict in cases:
             with self.subTest(verdict):
-                result = run_cli("explain", token, "--config", files.config)
+                result = run_cli("explain", token, "--config", files.config, "--users", files.users)
                 self.assertEqual(result.returncode, code, result.stdout + result.stderr)
                 self.assertIn(verdict, result.stdout)
                 self.assertNotIn(SECRET, result.stdout)
                 self.assertNotIn("\033[", result.stdout)
-                try:
-                    decode_token(token, SECRET)
-                    server_verdict = "Verdict: valid"
-                except TokenError as error:
-                    server_verdict = f"{error.name}: {error}"
+                status, _, answer = client.request(
+                    "GET", "/users/getInfo", headers={"Authorization": f"Bearer {token}"})
+                server_verdict = ("Verdict: valid" if status == 200
+                                  else f"{answer['name']}: {answer['message']}")
                 self.assertIn(server_verdict, result.stdout)
         # The values a learner wants to see, for a valid token.
         token = token_for()
         head, body, signature = token.split(".")
-        out = run_cli("explain", "--config", files.config, stdin=token + "\n").stdout
+        out = run_cli("explain", "--config", files.config, "--users", files.users,
+                      stdin=token + "\n").stdout
         for value in (head, body, signature, '{"alg":"HS256","typ":"JWT"}', '"username":"test"',
-                      f"computed  {signature}", f"presented {signature}", "UTC", "in 0h 59m"):
+                      f"computed  {signature}", f"presented {signature}", "UTC", "in 0h 59m",
+                      "id 81623 is user 'test'"):
             self.assertIn(value, out)
-        out = run_cli("explain", expired, "--config", files.config).stdout
+        out = run_cli("explain", expired, "--config", files.config, "--users", files.users).stdout
         self.assertIn("ago)", out)
 
     def test_explain_survives_hostile_tokens(self):
         files = Files(self)
         far = forge(GOOD_HEADER, {"id": 81623, "username": "test", "exp": 10 ** 20})
-        result = run_cli("explain", far, "--config", files.config)
+        result = run_cli("explain", far, "--config", files.config, "--users", files.users)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("exp 100000000000000000000 (beyond any calendar date)", result.stdout)
         raw_escape = b64url_encode(b'{"alg":"HS256","x":"\x1b[2J"}')     # not even JSON
-        result = run_cli("explain", f"{raw_escape}.{BODY}.{SIGNATURE}", "--config", files.config)
+        result = run_cli("explain", f"{raw_escape}.{BODY}.{SIGNATURE}", "--config", files.config,
+                         "--users", files.users)
         self.assertEqual((result.returncode, result.stderr), (1, ""))
         self.assertIn('{"alg":"HS256","x":"\\x1b[2J"}', result.stdout)
         self.assertNotIn("\x1b", result.stdout)
@@ -1166,7 +1172,7 @@ class TestCommandLine(unittest.TestCase):
             env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
             process = subprocess.Popen(
                 [sys.executable, str(HERE / "authserver.py"), "explain", token_for(),
-                 "--config", str(files.config)],
+                 "--config", str(files.config), "--users", str(files.users)],
                 stdout=follower, stderr=follower, env={**env, **environment})
             os.close(follower)
             output = b""
