@@ -1420,7 +1420,8 @@ def explain_steps(token, key, config, users, narrator, now):
     check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
     narrator.check(True, "not before nbf or iat, not after exp")
 
-    narrator.step(6, f"Find the user in {users.path}  (require_token)")
+    shown = os.path.relpath(users.path) if users.path.is_relative_to(Path.cwd()) else users.path
+    narrator.step(6, f"Find the user in {shown}  (require_token)")
     if users.find_by_id(claims.get("id"), claims.get("username")) is None:
         raise TokenError("user not found")
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
