@@ -1,6 +1,6 @@
 """JWT core speed: authserver's encode_token / decode_token against PyJWT and the HMAC floor.
 
-    python bench/bench_jwt.py [--rounds 15] [--calls 20000]
+    python bench/bench_jwt.py [--rounds 61] [--calls 3000]
 
 Every candidate runs the same claims with the same secret, in one process, interleaved
 round by round (so a busy moment hurts all alike); each figure is the median of the
@@ -54,8 +54,8 @@ def measure(function, calls):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=61)
+    parser.add_argument("--calls", type=int, default=3000)
     args = parser.parse_args()
     print(f"Python {sys.version.split()[0]}, {args.rounds} interleaved rounds of {args.calls} calls")
     if pyjwt is None:
