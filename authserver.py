@@ -1238,23 +1238,35 @@ def serve(args):
     if args.tls_cert:
         tls_context = make_tls_context(args.tls_cert, args.tls_key)
     server = make_server(args.config, args.users, args.host, args.port, tls_context)
+    stop_signals, reload_signals = [], []
+
+    def request_stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)     # pressed twice: stop at once
+        stop_signals.append(signum)               # no lock taken: see the loop below
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_signals.append(signum))
+    # Python runs signal handlers in the main thread, so the accept loop gets a thread of its
+    # own: an exception raised inside socketserver while it hands a connection to its thread
+    # would make it close that connection under the request being answered on it.
+    accepting = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5})
+    accepting.start()
+    # The banner comes last: whoever reads it may stop us at once, and that is handled now.
     scheme = "https" if tls_context else "http"
     print("authserver listening on:", *server_urls(server, scheme), sep="\n  ", flush=True)
     print("Ctrl-C to stop.", flush=True)
-
-    def stop_serving(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a second SIGTERM stops at once
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_serving)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: server.users.refresh(force=True))
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    # Sleep rather than wait on a lock: the handler runs in this thread between two steps,
+    # and a lock this thread held at that moment would deadlock it.
+    while not stop_signals:
+        time.sleep(0.2)
+        if reload_signals:
+            reload_signals.clear()
+            server.users.refresh(force=True)
+    server.shutdown()                         # the accept loop ends ...
+    accepting.join()
+    server.stop()                             # ... then requests in flight finish
     print("authserver stopped.", flush=True)
     return 0
 
