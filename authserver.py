@@ -894,6 +894,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
 
     def finish(self):
+        """Always run, even after an error: forget the connection, close TLS."""
+        self.server.unwatch(self.connection)
         super().finish()
         if self.server.tls_context is not None:
             self.request.close()    # socketserver closes only the plain socket TLS took over

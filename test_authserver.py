@@ -16,6 +16,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -903,6 +904,23 @@ class TestConnections(unittest.TestCase):
             raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual(len(seen), 1)
         self.assertTrue(seen[0])
+
+    def test_a_reset_connection_leaves_nothing_watched(self):
+        server = start_server(self)
+        handled = threading.Event()
+        original = server.handle_error
+
+        def noting(request, client_address):
+            original(request, client_address)
+            handled.set()
+        with mock.patch.object(server, "handle_error", noting):
+            sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
+            raw_exchange(server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")  # past accept
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()                                                # RST, not FIN
+            self.assertTrue(handled.wait(10))
+        self.assertIn("ConnectionResetError", server.test_log.getvalue())
+        self.assertEqual(server.deadlines, {})
 
     def test_listen_backlog(self):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
