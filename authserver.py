@@ -204,7 +204,7 @@ def checked_secret(text, where):
 BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 # The last character of a base64url text whose length is 2 or 3 mod 4 carries bits past
 # the end of the data (4 or 2 of them); in the one true spelling they are zero.
-SPARE_BITS = {0: 0, 2: 0b1111, 3: 0b11}
+SPARE_BITS = {2: 0b1111, 3: 0b11}
 BASE64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
@@ -321,7 +321,8 @@ TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 def split_token(token):
     """Step 1: three segments of base64url characters (the last may be empty), not too long."""
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not TOKEN_SHAPE.fullmatch(token):
+    if (not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES
+            or not TOKEN_SHAPE.fullmatch(token)):
         raise TokenError("jwt malformed")
     return token.split(".")
 
@@ -551,15 +552,14 @@ class UserStore:
         user = by_name.get(username)
         return user, user.record["passwordHash"] if user else dummy
 
-    def find_by_id(self, user_id, username):
-        """The User a token speaks of, if it still exists under the same name."""
+    def user_for(self, claims):
+        """The User a verified token speaks of; TokenError if it no longer exists as such."""
         self.refresh()
-        if type(user_id) not in (int, str):         # True == 1, and lists can't be keys
-            return None
-        user = self.tables[1].get(user_id)
+        user_id = claims.get("id")
+        user = self.tables[1].get(user_id) if type(user_id) in (int, str) else None  # True == 1
         if (user is None or type(user.record["id"]) is not type(user_id)
-                or user.record["username"] != username):
-            return None
+                or user.record["username"] != claims.get("username")):
+            raise TokenError("user not found")
         return user
 
 
@@ -718,13 +718,10 @@ def require_token(request):
     try:
         claims = decode_token(token, server.key, leeway=config["leeway"],
                               issuer=config["issuer"], audience=config["audience"])
+        # Signed by us, but is its user still there (and did the token name a real one)?
+        request.user = server.users.user_for(claims)
     except TokenError as error:
         raise token_refused(error) from None
-    user = server.users.find_by_id(claims.get("id"), claims.get("username"))
-    if user is None:
-        # Signed by us, but its user is gone (or the token never named a real one).
-        raise token_refused(TokenError("user not found"))
-    request.user = user
     return None
 
 
@@ -1044,7 +1041,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: keep-alive\r\n")
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
-        self.server.log_request(self, status, now)    # first, so the line is there when the client has its answer
+        # Log first, so the line is written by the time the client has its answer.
+        self.server.log_request(self, status, now)
         self.wfile.write(head if self.command == "HEAD" or status == 204 else head + payload)
 
     def send_error(self, code, message=None, explain=None):
@@ -1409,13 +1407,14 @@ def explain_steps(token, key, config, users, narrator, now):
         narrator.say("   " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in header_text))
     except ValueError:
         narrator.say("   (not base64url)")
-    header = read_header(header_segment)
+    read_header(header_segment)
     narrator.check(True, 'alg is "HS256", the only algorithm this server accepts; no "crit"')
 
     narrator.step(3, "Recompute the signature  (check_signature)")
     signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
     narrator.say(f"   signing input = header + \".\" + payload ({len(signing_input)} bytes):")
-    narrator.say(f"   {narrator.paint(header_segment, 'header')}.{narrator.paint(payload_segment, 'payload')}")
+    narrator.say(f"   {narrator.paint(header_segment, 'header')}."
+                 f"{narrator.paint(payload_segment, 'payload')}")
     computed = b64url_encode(sign(signing_input, key))
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
@@ -1436,10 +1435,8 @@ def explain_steps(token, key, config, users, narrator, now):
 
     shown = os.path.relpath(users.path) if users.path.is_relative_to(Path.cwd()) else users.path
     narrator.step(6, f"Find the user in {shown}  (require_token)")
-    if users.find_by_id(claims.get("id"), claims.get("username")) is None:
-        raise TokenError("user not found")
+    users.user_for(claims)
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
-    return header, claims
 
 
 def explain(args):
