@@ -37,8 +37,11 @@ example and a LAN demo, not a production identity provider (see README.md).
 import argparse
 import base64
 import binascii
+import contextlib
+import errno
 import functools
 import getpass
+import glob
 import hashlib
 import hmac
 import http.server
@@ -61,6 +64,12 @@ from datetime import datetime, timezone
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
+
+try:                                # POSIX: advisory whole-file locks
+    import fcntl
+except ImportError:                 # Windows: byte-range locks from the C runtime
+    fcntl = None
+    import msvcrt
 
 HERE = Path(__file__).resolve().parent
 
@@ -168,6 +177,61 @@ def write_file_atomically(path, text, mode=0o600):
         raise
 
 
+# Two writers that each read a file, change it and write it back lose one change unless
+# the whole read-modify-write is one critical section. A lock on the file itself is no
+# good: os.replace puts a new file (a new inode) under the name, and Windows refuses to
+# replace a file another process holds open. So the lock lives in a companion file,
+# "<name>.lock", made once and never removed (removing it would let two writers lock two
+# different files). The thread lock covers writers in one process, whatever the platform's
+# file locks do between threads.
+IN_PROCESS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold the exclusive lock for path, across threads and processes, until the block ends."""
+    path = Path(path)
+    with IN_PROCESS_LOCK, open(path.with_name(path.name + ".lock"), "a+b") as lock:
+        lock_file(lock)
+        try:
+            yield
+        finally:
+            unlock_file(lock)
+
+
+def lock_file(handle):
+    """Block until this process holds the lock on handle (flock, or msvcrt on Windows)."""
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        return
+    handle.seek(0)
+    while True:
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+            return
+        except OSError as error:    # LK_LOCK gives up after 10 one-second tries; we don't
+            if error.errno != getattr(errno, "EDEADLOCK", errno.EDEADLK):
+                raise
+
+
+def unlock_file(handle):
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    else:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporary copies a writer killed before its rename left beside path.
+
+    Call it only with file_lock(path) held: then no live writer is halfway through one.
+    """
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        leftover.unlink(missing_ok=True)
+
+
 def load_secret(config):
     """The HMAC key as bytes: config's "secret", else secretFile, made on first start."""
     if config["secret"]:
@@ -175,9 +239,12 @@ def load_secret(config):
     path = config["path"].parent / config["secretFile"]
     if not path.exists():
         # 256 random bits, different on every install: a secret shipped in the
-        # repository would let anyone who read it sign tokens for any user.
+        # repository would let anyone who read it sign tokens for any user. Made under
+        # the lock, so two servers started together do not each make their own.
         try:
-            write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
+            with file_lock(path):
+                if not path.exists():
+                    write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
         except OSError as error:
             raise ConfigError(f"cannot create secret file {path}: {error}") from None
     try:
@@ -485,6 +552,65 @@ def check_users(users, path):
             raise ConfigError(
                 f"users file {path}: user {name!r} has no valid passwordHash; set one "
                 f"with: python authserver.py passwd {name} --users {path}") from None
+
+
+# -- changing users.json: adduser, passwd and sign-up, one writer at a time ----
+
+class UsernameTaken(ConfigError):
+    """adduser or sign-up for a name users.json already has."""
+
+
+def read_users_list(path):
+    """The raw list in users.json, to be edited."""
+    users = read_json_file(path, "users file")
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
+        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
+    return users
+
+
+def save_users(path, users):
+    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
+
+
+def update_users_file(path, change):
+    """Read users.json, let change(users) edit the list, write it back: one locked step.
+
+    Returns what change returns. Slow work (hashing a password) belongs before the call,
+    so that the lock is held for a read and a write only.
+    """
+    with file_lock(path):
+        remove_stale_temporaries(path)
+        users = read_users_list(path)
+        result = change(users)
+        save_users(path, users)
+    return result
+
+
+def find_record(users, username):
+    return next((user for user in users if user.get("username") == username), None)
+
+
+def find_user_record(users, username, path):
+    """The record for username; ConfigError naming the file if there is none."""
+    user = find_record(users, username)
+    if user is None:
+        raise ConfigError(f"no user {username!r} in {path}")
+    return user
+
+
+def add_user_record(path, username, password_hash, fields):
+    """Append a user with a fresh random id to users.json; UsernameTaken if the name is."""
+    def append(users):
+        if find_record(users, username) is not None:
+            raise UsernameTaken(f"user {username!r} already exists in {path}; "
+                                f"use: python authserver.py passwd {username}")
+        taken = {user.get("id") for user in users}
+        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
+                       if candidate not in taken)
+        record = {"id": user_id, "username": username, "passwordHash": password_hash, **fields}
+        users.append(record)
+        return record
+    return update_users_file(path, append)
 
 
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
@@ -1179,6 +1305,11 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     config = load_config(config_path or HERE / "config.json")
     key = load_secret(config)
     users = UserStore(users_path or HERE / "users.json")
+    try:
+        with file_lock(users.path):
+            remove_stale_temporaries(users.path)    # left by a writer that was killed
+    except OSError:
+        pass                # a read-only folder: then nobody can have left anything there
     host = config["host"] if host is None else host
     port = config["port"] if port is None else port
     try:
@@ -1273,14 +1404,6 @@ def serve(args):
 
 # -- managing users -----------------------------------------------------------
 
-def read_users_list(path):
-    """The raw list in users.json, for adduser and passwd to edit."""
-    users = read_json_file(path, "users file")
-    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
-        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    return users
-
-
 def read_new_password(stdin=None):
     """From the terminal with getpass (asked twice), or one line from stdin for scripts."""
     stdin = stdin or sys.stdin
@@ -1295,10 +1418,6 @@ def read_new_password(stdin=None):
     return password
 
 
-def save_users(path, users):
-    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
-
-
 def iterations_from(config_path):
     return load_config(config_path or HERE / "config.json")["passwordIterations"]
 
@@ -1306,34 +1425,30 @@ def iterations_from(config_path):
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
     path = Path(args.users or HERE / "users.json")
-    users = read_users_list(path)
-    if any(user.get("username") == args.username for user in users):
-        raise ConfigError(f"user {args.username!r} already exists in {path}; "
-                          f"use: python authserver.py passwd {args.username}")
-    taken = {user.get("id") for user in users}
-    user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
-                   if candidate not in taken)
-    user = {"id": user_id, "username": args.username,
-            "passwordHash": hash_password(read_new_password(), iterations_from(args.config))}
-    for field, value in (("firstName", args.first_name), ("lastName", args.last_name),
-                         ("phone", args.phone)):
-        if value is not None:
-            user[field] = value
-    save_users(path, users + [user])
-    print(f"added user {args.username!r} (id {user_id}) to {path}")
+    if find_record(read_users_list(path), args.username) is not None:    # before the prompt
+        raise UsernameTaken(f"user {args.username!r} already exists in {path}; "
+                            f"use: python authserver.py passwd {args.username}")
+    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    fields = {field: value for field, value in (("firstName", args.first_name),
+                                                ("lastName", args.last_name),
+                                                ("phone", args.phone)) if value is not None}
+    record = add_user_record(path, args.username, password_hash, fields)
+    print(f"added user {args.username!r} (id {record['id']}) to {path}")
     return 0
 
 
 def change_password(args):
     """python authserver.py passwd NAME: a new password hash, every other field kept."""
     path = Path(args.users or HERE / "users.json")
-    users = read_users_list(path)
-    user = next((user for user in users if user.get("username") == args.username), None)
-    if user is None:
-        raise ConfigError(f"no user {args.username!r} in {path}")
-    user.pop("password", None)
-    user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
-    save_users(path, users)
+    find_user_record(read_users_list(path), args.username, path)     # before the prompt
+    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+
+    def set_hash(users):
+        user = find_user_record(users, args.username, path)
+        user.pop("password", None)
+        user["passwordHash"] = password_hash
+
+    update_users_file(path, set_hash)
     print(f"password changed for {args.username!r} in {path}")
     return 0
 

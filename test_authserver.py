@@ -1254,5 +1254,176 @@ class TestCommandLine(unittest.TestCase):
         self.assertIn("authserver stopped.", server.process.stdout.read())
 
 
+# authserver run as if on Windows: no fcntl, and an msvcrt whose byte-range lock is made of
+# POSIX record locks, so that the fallback path is exercised by real processes.
+AS_IF_ON_WINDOWS = """
+import fcntl, sys, types
+msvcrt = types.ModuleType("msvcrt")
+msvcrt.LK_UNLCK, msvcrt.LK_LOCK = 0, 1
+def locking(fd, mode, nbytes):
+    fcntl.lockf(fd, fcntl.LOCK_EX if mode == msvcrt.LK_LOCK else fcntl.LOCK_UN, nbytes, 0)
+msvcrt.locking = locking
+sys.modules["msvcrt"], sys.modules["fcntl"] = msvcrt, None
+sys.path.insert(0, sys.argv.pop(1))
+import authserver
+assert authserver.fcntl is None
+sys.exit(authserver.main(sys.argv[1:]))
+"""
+
+
+class TestUsersFileWriters(unittest.TestCase):
+    """adduser, passwd (and sign-up) at the same time lose nothing and leave nothing behind."""
+
+    def run_at_once(self, commands, prefix=()):
+        """Start every command as a process, then give them all their password at once."""
+        processes = []
+        for args, password in commands:
+            process = subprocess.Popen([sys.executable, *prefix, *map(str, args)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+            self.addCleanup(process.kill)
+            processes.append((process, password))
+        results = [process.communicate(password + "\n", timeout=60) for process, password in processes]
+        for (process, _), (out, err) in zip(processes, results):
+            self.assertEqual(process.returncode, 0, err)
+        return results
+
+    def adduser_commands(self, files, count, prefix_args=()):
+        common = ("--config", files.config, "--users", files.users)
+        return [((*prefix_args, "adduser", f"user{number}", *common), f"password{number}")
+                for number in range(count)]
+
+    def assert_all_added(self, files, count):
+        users = json.loads(files.users.read_text())
+        names = sorted(user["username"] for user in users)
+        self.assertEqual(names, sorted(["test", "ncuser", "café"] + [f"user{n}" for n in range(count)]))
+        self.assertEqual(len({user["id"] for user in users}), len(users))
+        authserver.UserStore(files.users)                    # and the server still loads it
+
+    @unittest.skipIf(sys.platform == "win32", "uses fcntl")
+    def test_a_dozen_adduser_processes_at_once_all_land(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        self.run_at_once(self.adduser_commands(files, 12), prefix=(str(HERE / "authserver.py"),))
+        self.assert_all_added(files, 12)
+        self.assertEqual(sorted(p.name for p in files.folder.iterdir()),
+                         ["config.json", "users.json", "users.json.lock"])
+
+    @unittest.skipIf(sys.platform == "win32", "simulates Windows with fcntl")
+    def test_the_windows_lock_path_keeps_every_user_too(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        self.run_at_once(self.adduser_commands(files, 6, prefix_args=(HERE,)),
+                         prefix=("-c", AS_IF_ON_WINDOWS))
+        self.assert_all_added(files, 6)
+
+    def test_passwd_beside_adduser_keeps_both(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        common = ("--config", files.config, "--users", files.users)
+        script = str(HERE / "authserver.py")
+        self.run_at_once([((script, "adduser", "alice", *common), "wonderland"),
+                          ((script, "passwd", "test", *common), "new-test-password")])
+        users = {user["username"]: user for user in json.loads(files.users.read_text())}
+        self.assertTrue(verify_password("wonderland", users["alice"]["passwordHash"]))
+        self.assertTrue(verify_password("new-test-password", users["test"]["passwordHash"]))
+
+    @unittest.skipIf(sys.platform == "win32", "probes with fcntl")
+    def test_the_lock_is_held_from_the_read_to_the_rename(self):
+        files = Files(self)
+        probe = ("import fcntl, sys\n"
+                 "with open(sys.argv[1], 'a+b') as lock:\n"
+                 "    try:\n"
+                 "        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                 "    except BlockingIOError:\n"
+                 "        print('held')\n"
+                 "    else:\n"
+                 "        print('free')\n")
+        lock_path = str(files.users) + ".lock"
+        seen = []
+
+        def another_process_sees(when):
+            result = subprocess.run([sys.executable, "-c", probe, lock_path], capture_output=True,
+                                    text=True, timeout=30)
+            seen.append((when, result.stdout.strip()))
+
+        reading, saving = authserver.read_users_list, authserver.save_users
+        with mock.patch.object(authserver, "read_users_list",
+                               lambda path: another_process_sees("read") or reading(path)), \
+                mock.patch.object(authserver, "save_users",
+                                  lambda *args: another_process_sees("rename") or saving(*args)):
+            authserver.update_users_file(files.users,
+                                         lambda users: another_process_sees("change"))
+        another_process_sees("after")
+        self.assertEqual(seen, [("read", "held"), ("change", "held"), ("rename", "held"),
+                                ("after", "free")])
+
+    def test_msvcrt_lock_is_retried_until_it_is_had(self):
+        calls = []
+
+        def locking(fd, mode, nbytes):
+            calls.append(mode)
+            if len(calls) < 3:          # LK_LOCK's own ten tries ran out, twice
+                raise OSError(getattr(authserver.errno, "EDEADLOCK", authserver.errno.EDEADLK),
+                              "Resource deadlock avoided")
+
+        fake = mock.Mock(LK_LOCK=1, LK_UNLCK=0, locking=locking)
+        files = Files(self)
+        with mock.patch.object(authserver, "fcntl", None), \
+                mock.patch.object(authserver, "msvcrt", fake, create=True):
+            with authserver.file_lock(files.users):
+                self.assertEqual(calls, [1, 1, 1])
+        self.assertEqual(calls, [1, 1, 1, 0])
+
+    def test_msvcrt_errors_other_than_timeout_are_raised(self):
+        fake = mock.Mock(LK_LOCK=1, LK_UNLCK=0,
+                         locking=mock.Mock(side_effect=OSError(authserver.errno.EBADF, "bad")))
+        files = Files(self)
+        with mock.patch.object(authserver, "fcntl", None), \
+                mock.patch.object(authserver, "msvcrt", fake, create=True):
+            with self.assertRaises(OSError):
+                with authserver.file_lock(files.users):
+                    pass
+
+    @unittest.skipUnless(hasattr(signal, "SIGKILL"), "needs kill -9")
+    def test_a_writer_killed_before_its_rename_leaves_no_copy_for_long(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        killed_at_rename = ("import os, signal, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                            "import authserver; "
+                            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+                            "authserver.main(sys.argv[1:])")
+        common = ("--config", str(files.config), "--users", str(files.users))
+        killed = subprocess.run([sys.executable, "-c", killed_at_rename, str(HERE), "adduser",
+                                 "ghost", *common], input="boo\n", text=True,
+                                capture_output=True, timeout=60)
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        leftovers = list(files.folder.glob(".users.json.*"))
+        self.assertEqual(len(leftovers), 1)                     # the copy of the hashes
+        self.assertIn(b"passwordHash", leftovers[0].read_bytes())
+        # The next start of the server removes it (and so does the next write).
+        authserver.make_server(files.config, files.users, "127.0.0.1", 0,
+                               log_stream=io.StringIO()).server_close()
+        self.assertEqual(list(files.folder.glob(".users.json.*")), [])
+        leftovers[0].write_text("[]")
+        self.assertEqual(run_cli("adduser", "alice", *common, stdin="x\n").returncode, 0)
+        self.assertEqual(list(files.folder.glob(".users.json.*")), [])
+        self.assertNotIn("ghost", files.users.read_text())
+
+    def test_two_servers_started_together_share_one_secret(self):
+        files = Files(self, secret="")
+        barrier = threading.Barrier(8)
+        config = authserver.load_config(files.config)
+        keys = []
+
+        def start():
+            barrier.wait(timeout=10)
+            keys.append(authserver.load_secret(config))
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        self.assertEqual(len(keys), 8)
+        self.assertEqual(len(set(keys)), 1)
+        self.assertEqual((files.folder / "authserver.secret").read_bytes().strip(), keys[0])
+
+
 if __name__ == "__main__":
     unittest.main()
