@@ -1407,7 +1407,7 @@ class TestCliTerminal(unittest.TestCase):
             [sys.executable, str(HERE / "authserver.py"), *args,
              "--config", str(self.files.config), "--users", str(self.files.users)],
             stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
-            env={**os.environ, "NO_COLOR": "1"})
+            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"})     # a new pty is 0 wide
         os.close(follower)
 
         def close():
