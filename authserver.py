@@ -1431,7 +1431,7 @@ def untrusted_payload_lines(payload_segment, now, narrator):
     try:
         claims = parse_json_object(b64url_decode(payload_segment))
     except ValueError:
-        return ["", f"   {warning} nothing, here: the payload is not base64url JSON."]
+        return ["", f"   {warning} (the payload is not even base64url JSON: nothing to read)"]
     return ["", f"   {warning} the payload is only base64url (encoded, not encrypted),",
             "   and without a valid signature anyone could have written it:"
             ] + claims_lines(claims, now)
@@ -1502,12 +1502,12 @@ def explain_steps(token, key, config, users, narrator, now):
 
 
 # What devtools and curl show is the whole header line, and that is what gets copied.
-PASTED_HEADER = re.compile(r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)",
-                           re.IGNORECASE | re.DOTALL)
+PASTED_HEADER = re.compile(
+    r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)", re.I | re.S)
 
 
 def read_token(args):
-    """The token to explain: the argument, else stdin unless that is a terminal nobody pipes to."""
+    """The token to explain: the argument, or stdin (piped in, or pasted after "explain -")."""
     if args.token not in (None, "-"):
         return args.token.strip()
     if sys.stdin.isatty():
@@ -1537,8 +1537,10 @@ def explain(args):
         # Go on with the token, as a teacher would; the server itself refuses the whole line.
         token = pasted.group(2).strip()
         after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
-        narrator.say(f"Note: this looks like a whole header; the token is the part after '{after}'.")
-        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: jwt malformed.)")
+        narrator.say(f"Note: this looks like a whole header; the token is the part after "
+                     f"'{after}'.")
+        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
+                     "jwt malformed.)")
     try:
         explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:

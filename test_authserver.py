@@ -1289,7 +1289,8 @@ class TestCliExplain(unittest.TestCase):
                 out = result.stdout
                 order = [out.index(f"FAIL JsonWebTokenError: {error}"),
                          out.index("Readable, but not trusted:"),
-                         out.index('"username":'), out.index("exp "), out.index("Verdict: rejected")]
+                         out.index('"username":'), out.index("exp "),
+                         out.index("Verdict: rejected")]
                 self.assertEqual(order, sorted(order), out)
                 if token is tampered:
                     self.assertIn(f'{{"id":26858,"username":"ncuser","iat":{int(now)},'
@@ -1306,7 +1307,7 @@ class TestCliExplain(unittest.TestCase):
         self.assertNotIn("\x9b", out)
         self.assertNotIn("\u202e", out)
         not_json = f"{HEAD}.{b64url_encode(b'not json')}.{SIGNATURE}"
-        self.assertIn("nothing, here: the payload is not base64url JSON",
+        self.assertIn("not trusted: (the payload is not even base64url JSON: nothing to read)",
                       explain_cli(self.files, not_json).stdout)
         for token in (token_for(), token_for(now=time.time() - 7200)):    # valid; expired
             self.assertNotIn("not trusted", explain_cli(self.files, token).stdout)
