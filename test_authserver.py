@@ -11,6 +11,8 @@ import http.client
 import io
 import json
 import os
+import runpy
+import select
 import shutil
 import signal
 import socket
@@ -1423,6 +1425,317 @@ class TestUsersFileWriters(unittest.TestCase):
         self.assertEqual(len(keys), 8)
         self.assertEqual(len(set(keys)), 1)
         self.assertEqual((files.folder / "authserver.secret").read_bytes().strip(), keys[0])
+# ---------------------------------------------------------------------------
+# The command line's rough edges: explain, prompts, usernames, old Pythons
+# ---------------------------------------------------------------------------
+
+def explain_cli(files, *args, stdin=""):
+    """authserver.main(["explain", ...]) in this process (faster than run_cli), stdin piped."""
+    argv = ["explain", *args, "--config", str(files.config), "--users", str(files.users)]
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("sys.stdout", out), \
+            mock.patch("sys.stderr", err):
+        code = authserver.main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+class TestCliExplain(unittest.TestCase):
+
+    def setUp(self):
+        self.files = Files(self)
+
+    def test_a_failed_signature_still_shows_the_payload_marked_not_trusted(self):
+        now = time.time()
+        head, _, signature = token_for().split(".")
+        forged = {"id": 26858, "username": "ncuser", "iat": int(now), "exp": int(now) + 600}
+        tampered = f"{head}.{b64url_encode(json.dumps(forged).encode())}.{signature}"
+        unsigned = ".".join(token_for().split(".")[:2]) + "."
+        for token, error in ((tampered, "invalid signature"),
+                             (unsigned, "jwt signature is required")):
+            with self.subTest(error):
+                result = explain_cli(self.files, token)
+                self.assertEqual((result.returncode, result.stderr), (1, ""))
+                out = result.stdout
+                order = [out.index(f"FAIL JsonWebTokenError: {error}"),
+                         out.index("Readable, but not trusted:"),
+                         out.index('"username":'), out.index("exp "),
+                         out.index("Verdict: rejected")]
+                self.assertEqual(order, sorted(order), out)
+                if token is tampered:
+                    self.assertIn(f'{{"id":26858,"username":"ncuser","iat":{int(now)},'
+                                  f'"exp":{int(now) + 600}}}', out)
+                    self.assertIn(f"exp {int(now) + 600} = 20", out)
+                    self.assertIn("(in 0h 9m", out)
+
+    def test_payload_shown_untrusted_is_made_harmless_and_a_good_signature_shows_no_warning(self):
+        hostile = forge(GOOD_HEADER, {"username": "\x9b2J\u202eevil", "exp": 2 ** 40},
+                        signature=SIGNATURE)
+        out = explain_cli(self.files, hostile).stdout
+        self.assertIn("Readable, but not trusted:", out)
+        self.assertIn('"username":"\\x9b2J\\u202eevil"', out)
+        self.assertNotIn("\x9b", out)
+        self.assertNotIn("\u202e", out)
+        not_json = f"{HEAD}.{b64url_encode(b'not json')}.{SIGNATURE}"
+        self.assertIn("not trusted: (the payload is not even base64url JSON: nothing to read)",
+                      explain_cli(self.files, not_json).stdout)
+        for token in (token_for(), token_for(now=time.time() - 7200)):    # valid; expired
+            self.assertNotIn("not trusted", explain_cli(self.files, token).stdout)
+
+    def test_a_pasted_header_gets_a_note_and_the_token_is_explained(self):
+        token = token_for()
+        for pasted, after in ((f"Bearer {token}", "Bearer "),
+                              (f"Authorization: Bearer {token}", "Bearer "),
+                              (f"authorization:bearer   {token}\n", "Bearer "),
+                              (f"x-access-token: {token}", "x-access-token: "),
+                              (f"X-Access-Token:{token}", "x-access-token: ")):
+            with self.subTest(pasted):
+                result = explain_cli(self.files, pasted)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                self.assertTrue(result.stdout.startswith(
+                    "Note: this looks like a whole header; the token is the part after "
+                    f"'{after}'.\n"), result.stdout)
+                self.assertIn("Verdict: valid", result.stdout)
+        piped = explain_cli(self.files, stdin=f"Authorization: Bearer {token}\n")
+        self.assertEqual(piped.returncode, 0)
+        self.assertIn("the part after 'Bearer '", piped.stdout)
+        self.assertNotIn("Note:", explain_cli(self.files, token).stdout)
+        # The server itself keeps refusing such a token.
+        server = start_server(self, self.files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        for headers in ({"Authorization": f"Bearer Bearer {token}"},
+                        {"x-access-token": f"x-access-token: {token}"}):
+            status, _, body = client.request("GET", "/users/getInfo", headers=headers)
+            self.assertEqual((status, body["message"]), (401, "jwt malformed"))
+
+    def test_stdin_piped_or_dash_and_nothing_piped(self):
+        token = token_for()
+        for args in ((), ("-",)):
+            result = run_cli("explain", *args, "--config", self.files.config,
+                             "--users", self.files.users, stdin=token + "\n")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("Verdict: valid", result.stdout)
+        for stdin in ("", " \n"):
+            result = explain_cli(self.files, stdin=stdin)
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (2, "", "authserver: no token on stdin\n"))
+
+    def test_a_closed_pipe_is_no_traceback(self):
+        read_end, write_end = os.pipe()
+        os.close(read_end)                     # like `explain TOKEN | head -1`, head gone
+        try:
+            result = subprocess.run(
+                [sys.executable, str(HERE / "authserver.py"), "explain", token_for(),
+                 "--config", str(self.files.config), "--users", str(self.files.users)],
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
+
+
+class TestCliInterrupts(unittest.TestCase):
+    """Ctrl-C and Ctrl-D at a prompt: one line and a non-zero exit, never a traceback."""
+
+    def test_keyboard_interrupt_in_a_command_is_one_line_and_130(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        before = files.users.read_bytes()
+        for command in ("passwd", "adduser"):
+            stderr = io.StringIO()
+            with self.subTest(command), mock.patch("sys.stderr", stderr), \
+                    mock.patch.object(authserver, "read_new_password",
+                                      side_effect=KeyboardInterrupt):
+                try:
+                    code = authserver.main([command, "someone" if command == "adduser" else "test",
+                                            "--config", str(files.config),
+                                            "--users", str(files.users)])
+                except KeyboardInterrupt:
+                    self.fail("the KeyboardInterrupt escaped main()")
+            self.assertEqual((code, stderr.getvalue()), (130, "authserver: interrupted\n"))
+        self.assertEqual(files.users.read_bytes(), before)
+
+    def test_end_of_piped_input_at_the_password_prompt(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for command, name in (("passwd", "test"), ("adduser", "newcomer")):
+            result = run_cli(command, name, "--config", files.config, "--users", files.users,
+                             stdin="")
+            self.assertEqual((result.returncode, result.stderr),
+                             (2, "authserver: no password given (end of input)\n"))
+        self.assertEqual(json.loads(files.users.read_text()), TEST_USERS)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a POSIX terminal")
+class TestCliTerminal(unittest.TestCase):
+    """The command line on a real (pseudo) terminal, as a person at a keyboard meets it."""
+
+    def spawn(self, *args):
+        """authserver.py with stdin, stdout and stderr on a new terminal; (process, leader)."""
+        self.files = Files(self, passwordIterations=FAST_ITERATIONS)
+        leader, follower = os.openpty()
+        # A new session has no controlling terminal, so getpass uses this one (stdin) and
+        # never the terminal the tests run in.
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "authserver.py"), *args,
+             "--config", str(self.files.config), "--users", str(self.files.users)],
+            stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
+            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"})     # a new pty is 0 wide
+        os.close(follower)
+
+        def close():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            os.close(leader)
+        self.addCleanup(close)
+        return process, leader
+
+    def read_until(self, leader, text=None, timeout=30):
+        """What the program wrote, up to text (or up to its end), within timeout seconds."""
+        output, deadline = b"", time.monotonic() + timeout
+        while text is None or text not in output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fail(f"waited {timeout}s for {text or 'the end'!r}; got {output!r}")
+            if not select.select([leader], [], [], remaining)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:                     # EIO: every writer is gone
+                chunk = b""
+            if not chunk:
+                if text is None:
+                    return output
+                self.fail(f"ended before {text!r}: {output!r}")
+            output += chunk
+        return output
+
+    def test_ctrl_c_at_the_getpass_prompt(self):
+        process, leader = self.spawn("passwd", "test")
+        before = self.files.users.read_bytes()
+        prompt = self.read_until(leader, b"New password: ")
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(prompt + self.read_until(leader),
+                         b"New password: \r\nauthserver: interrupted\r\n")
+        self.assertEqual(process.wait(timeout=30), 130)
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_ctrl_d_at_the_getpass_prompt(self):
+        process, leader = self.spawn("adduser", "newcomer")
+        before = self.files.users.read_bytes()
+        prompt = self.read_until(leader, b"New password: ")
+        os.write(leader, b"\x04")                # Ctrl-D at the start of a line: end of input
+        self.assertEqual(prompt + self.read_until(leader),
+                         b"New password: \r\nauthserver: no password given (end of input)\r\n")
+        self.assertEqual(process.wait(timeout=30), 2)
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_explain_without_a_token_on_a_terminal_prints_usage(self):
+        process, leader = self.spawn("explain")
+        output = self.read_until(leader).decode()
+        self.assertEqual(process.wait(timeout=30), 2)
+        self.assertTrue(output.startswith("usage: authserver.py explain "), output)
+        self.assertTrue(output.endswith(
+            "authserver: give the token as an argument, or pipe it in: "
+            "... | python authserver.py explain\r\n"), output)
+
+    def test_explain_dash_on_a_terminal_asks_for_the_token(self):
+        process, leader = self.spawn("explain", "-")
+        self.read_until(leader, b"Paste the token, then Enter:")
+        os.write(leader, token_for().encode() + b"\n")
+        self.assertIn(b"Verdict: valid", self.read_until(leader))
+        self.assertEqual(process.wait(timeout=30), 0)
+        for key, code, line in ((b"\x03", 130, b"authserver: interrupted"),
+                                (b"\x04", 2, b"authserver: no token on stdin")):
+            process, leader = self.spawn("explain", "-")
+            self.read_until(leader, b"Paste the token, then Enter:")
+            if key == b"\x03":
+                process.send_signal(signal.SIGINT)
+            else:
+                os.write(leader, key)
+            self.assertTrue(self.read_until(leader).rstrip().endswith(line))
+            self.assertEqual(process.wait(timeout=30), code)
+
+
+class TestCliUsernames(unittest.TestCase):
+    """One rule for usernames, the same when adduser writes users.json and when it is loaded."""
+
+    ALLOWED = ["test", "ncuser", "café", "山田", "o'brien", "user@example.org", "x" * 64]
+    REFUSED = ["", " ", "a b", " lead", "trail ", "a\tb", "a\nb", "a\x00b", "a\x7f", "a\x85b",
+               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65]
+
+    def test_the_rule(self):
+        for name in self.ALLOWED:
+            with self.subTest(name=name):
+                authserver.check_username(name, "here")
+        for name in self.REFUSED + [None, 5, ["a"]]:
+            with self.subTest(name=name), self.assertRaises(authserver.ConfigError) as caught:
+                authserver.check_username(name, "here")
+            self.assertTrue(str(caught.exception).startswith("here: "))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_adduser_and_the_server_agree(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for name in self.ALLOWED[3:] + self.REFUSED:           # the first three are there
+            with self.subTest(name=name):
+                before = files.users.read_bytes()
+                stderr = io.StringIO()
+                with mock.patch("sys.stdin", io.StringIO("pw\n")), \
+                        mock.patch("sys.stdout", io.StringIO()), mock.patch("sys.stderr", stderr):
+                    code = authserver.main(["adduser", name, "--config", str(files.config),
+                                            "--users", str(files.users)])
+                if name in self.REFUSED:
+                    self.assertEqual(code, 2)
+                    self.assertTrue(stderr.getvalue().startswith("authserver: adduser: "))
+                    self.assertEqual(files.users.read_bytes(), before)
+                    # ... and the server refuses a file holding that name, by the same rule.
+                    broken = Files(self, users=TEST_USERS + [make_user(7, name, "pw")])
+                    with self.assertRaises(authserver.ConfigError) as caught:
+                        authserver.UserStore(broken.users)
+                    self.assertEqual(str(caught.exception).partition(": ")[2],
+                                     stderr.getvalue().strip().partition(": adduser: ")[2])
+                else:
+                    self.assertEqual(code, 0, stderr.getvalue())
+                    store = authserver.UserStore(files.users)       # the server loads it
+                    self.assertIsNotNone(store.find_by_name(name)[0])
+
+    def test_adduser_empty_name_on_the_command_line(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        before = files.users.read_bytes()
+        result = run_cli("adduser", "", "--config", files.config, "--users", files.users,
+                         stdin="pw\n")
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "authserver: adduser: a username must be non-empty text, not ''\n"))
+        self.assertEqual(files.users.read_bytes(), before)
+
+
+class TestCliOldPython(unittest.TestCase):
+    """Older Pythons say what they need in one line, wherever they get far enough to run."""
+
+    MESSAGE = "authserver needs Python 3.9+ (this is {})"
+
+    def test_the_check_runs_before_anything_else(self):
+        with mock.patch.object(sys, "version_info", (3, 8, 18, "final", 0)), \
+                self.assertRaises(SystemExit) as caught:
+            runpy.run_path(str(HERE / "authserver.py"), run_name="on_python_3_8")
+        self.assertEqual(caught.exception.code, self.MESSAGE.format("3.8"))
+
+    def test_real_older_interpreters(self):
+        # 3.6 to 3.8 parse the whole file; 3.5 and 2.7 stop at its first f-string.
+        found = {}
+        for version in ("3.6", "3.7", "3.8"):
+            candidates = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+            which = shutil.which(f"python{version}")
+            if which and "shims" not in Path(which).parts:      # a pyenv shim may not run
+                candidates.append(Path(which))
+            if candidates:
+                found[version] = candidates[0]
+        if "3.8" not in found:
+            self.skipTest("no Python 3.8 here")
+        for version, python in found.items():
+            with self.subTest(python=str(python)):
+                result = subprocess.run([str(python), str(HERE / "authserver.py"), "--help"],
+                                        capture_output=True, text=True, timeout=60)
+                self.assertEqual((result.returncode, result.stdout, result.stderr),
+                                 (1, "", self.MESSAGE.format(version) + "\n"))
 
 
 if __name__ == "__main__":
