@@ -623,12 +623,16 @@ def find_user_record(users, username, path):
     return user
 
 
+def refuse_taken(users, username, path):
+    if find_record(users, username) is not None:
+        raise UsernameTaken(f"user {username!r} already exists in {path}; "
+                            f"use: python authserver.py passwd {username}")
+
+
 def add_user_record(path, username, password_hash, fields):
     """Append a user with a fresh random id to users.json; UsernameTaken if the name is."""
     def append(users):
-        if find_record(users, username) is not None:
-            raise UsernameTaken(f"user {username!r} already exists in {path}; "
-                                f"use: python authserver.py passwd {username}")
+        refuse_taken(users, username, path)
         taken = {user.get("id") for user in users}
         user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
                        if candidate not in taken)
@@ -1459,9 +1463,7 @@ def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
     check_username(args.username, "adduser")
     path = Path(args.users or HERE / "users.json")
-    if find_record(read_users_list(path), args.username) is not None:    # before the prompt
-        raise UsernameTaken(f"user {args.username!r} already exists in {path}; "
-                            f"use: python authserver.py passwd {args.username}")
+    refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
     password_hash = hash_password(read_new_password(), iterations_from(args.config))
     fields = {field: value for field, value in (("firstName", args.first_name),
                                                 ("lastName", args.last_name),
