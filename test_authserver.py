@@ -1631,6 +1631,41 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertIn("not encryption", page.visible)            # the note beside the request
         self.assertEqual(page.visible.count(page.by_id["tokenView"].strip().split(".")[2]), 1)
 
+    def edit(self, tab, element_id, old, new):
+        """Change text in a textarea as a user would: the value, then an input event."""
+        tab.evaluate(f"(area => {{ area.value = area.value.replace({old!r}, {new!r});"
+                     f" area.dispatchEvent(new Event('input')) }})"
+                     f"(document.getElementById({element_id!r}))")
+
+    def test_editing_the_decoded_payload_or_the_token_and_asking_the_server(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/")
+        self.login_by_enter(tab)
+        signed = PageReader(tab.dom()).by_id["tokenView"].strip()
+        self.edit(tab, "decodedPayload", '"test"', '"admin"')
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: invalid signature")
+        page = PageReader(tab.dom())
+        edited = page.by_id["tokenView"].strip()
+        self.assertEqual(json.loads(b64url_decode(edited.split(".")[1]))["username"], "admin")
+        self.assertEqual(edited.split(".")[2], signed.split(".")[2])
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        self.assertTrue(page.marks["tokenView"])
+        # Back to "test" by hand in the token box: the signature fits again.
+        self.edit(tab, "tokenBox", edited, signed)
+        self.assertNotIn("changes", PageReader(tab.dom()).marks)
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "200 OK")
+        # One character of the signature changed: only it is marked.
+        last = "A" if signed[-1] != "A" else "B"
+        self.edit(tab, "tokenBox", signed, signed[:-1] + last)
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: invalid signature")
+        self.assertEqual(PageReader(tab.dom()).marks["tokenView"], [last])
+        # Forget the tokens: "Get user info" sends none, and the server says 403.
+        tab.click("forgetBtn")
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "403 Forbidden: No token provided.")
+
     def test_on_a_phone_the_exchange_comes_before_the_token_and_nothing_grey_is_empty(self):
         tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/", 390, 844)
         tab.wait_for("document.readyState === 'complete'")
