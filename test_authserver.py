@@ -1684,7 +1684,7 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertEqual(tab.evaluate("document.documentElement.scrollWidth"), 390)  # no sideways
         self.assertEqual(tab.evaluate(empty_grey), 0)
 
-    def test_refresh_and_log_out_on_a_server_without_them_show_the_exchange(self):
+    def test_refresh_and_log_out_show_their_exchange_whatever_the_server_answers(self):
         port = self.server.server_address[1]
         tab = self.browser.open(f"http://127.0.0.1:{port}/")
         self.login_by_enter(tab)
