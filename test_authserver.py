@@ -1346,7 +1346,8 @@ class TestPageServed(unittest.TestCase):
         self.assertEqual(self.page.by_id["diskHint"], "")
         # The hint is written by the script only for a copy opened from disk.
         self.assertRegex(self.script,
-                         r"if \(location\.protocol === 'file:'\) \{\s*show\('diskHint', '[^']*\?api=")
+                         r"if \(location\.protocol === 'file:'\) \{\s*"
+                         r"show\('diskHint', '[^']*\?api=")
 
     def test_enter_in_the_password_field_logs_in(self):
         form = re.search(r'<form id="loginForm">(.*?)</form>', self.html, re.S).group(1)
@@ -1400,7 +1401,8 @@ class Browser:
              "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
              "--disable-extensions", "--disable-background-networking", "--remote-debugging-pipe",
              "--user-data-dir=" + profile, "about:blank"],
-            pass_fds=(browser_in, browser_out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(browser_in, browser_out),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(browser_in)
         os.close(browser_out)
         test.addCleanup(self.close)
@@ -1482,8 +1484,8 @@ class Tab:
 
     def result(self):
         """The line beside the buttons, once a request has finished."""
-        return self.wait_for("(t => t && t !== '…' && t)((document.getElementById('result') || {})"
-                             ".textContent)")
+        return self.wait_for("(t => t && t !== '…' && t)"
+                             "((document.getElementById('result') || {}).textContent)")
 
     def click(self, element_id):
         self.evaluate(f"document.getElementById({element_id!r}).click()")
@@ -1527,13 +1529,13 @@ class TestPageInBrowser(unittest.TestCase):
         with socket.socket() as closed:                  # a port where nothing listens
             closed.bind(("127.0.0.1", 0))
             closed_port = closed.getsockname()[1]
-        from_disk = (HERE / "test.html").as_uri()
+        from_disk = (HERE / "test.html").as_uri() + "?api=http://127.0.0.1:"
         scenarios = {
             "valid": base + "#token=" + cls.valid + "&verify",
             "tampered": base + "#token=" + cls.valid + "&tamper&verify",
             "edited": base + f"#signed={cls.expired}&token={cls.edited}&verify",
-            "disk_no_token": from_disk + f"?api=http://127.0.0.1:{cls.server.server_address[1]}#verify",
-            "disk_server_down": from_disk + f"?api=http://127.0.0.1:{closed_port}#verify",
+            "disk_no_token": from_disk + f"{cls.server.server_address[1]}#verify",
+            "disk_server_down": from_disk + f"{closed_port}#verify",
         }
         # All tabs at once, in one browser: the class costs about one browser start.
         tabs = {name: cls.browser.open(url) for name, url in scenarios.items()}
@@ -1554,7 +1556,8 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertIn('"alg": "HS256"', page.by_id["decodedHeader"])
         self.assertEqual(page.by_id["time-exp"],
                          f"exp expires {local_date(claims['exp'])} (in 60 min)")
-        self.assertTrue(page.by_id["time-iat"].startswith(f"iat issued {local_date(claims['iat'])} ("))
+        self.assertTrue(page.by_id["time-iat"].startswith(
+            f"iat issued {local_date(claims['iat'])} ("))
         self.assertNotIn("time-nbf", page.by_id)
         # The parts, coloured, nothing marked: it is the token the server signed.
         view = re.search(r'<pre id="tokenView"[^>]*>(.*?)</pre>', self.dom["valid"], re.S).group(1)
@@ -1585,7 +1588,7 @@ class TestPageInBrowser(unittest.TestCase):
 
     def test_an_edited_expired_token_shows_the_change_its_dates_and_the_servers_verdict(self):
         page = self.read["edited"]
-        claims = decode_token(self.expired, SECRET, now=time.time() - 150)
+        claims = json.loads(b64url_decode(self.expired.split(".")[1]))
         self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
         self.assertEqual(page.by_id["tokenView"].strip(), self.edited)
         self.assertTrue(page.marks["tokenView"])
@@ -1601,7 +1604,8 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertEqual(page.by_id["httpRequest"],
                          f"GET http://127.0.0.1:{self.server.server_address[1]}/users/getInfo\n"
                          "Accept: application/json")
-        self.assertEqual(json.loads(page.by_id["output"]), {"error": True, "message": "No token provided."})
+        self.assertEqual(json.loads(page.by_id["output"]),
+                         {"error": True, "message": "No token provided."})
         self.assertIn("?api=http://", page.by_id["diskHint"])        # opened from disk: the hint
 
     def test_a_request_without_an_answer_says_why_beside_the_buttons(self):
@@ -1610,7 +1614,8 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertIn("Is the server running at http://127.0.0.1:", page.by_id["result"])
         self.assertEqual(page.by_id["httpStatus"], "no answer")
         # The result line comes right after the buttons, before anything else.
-        self.assertRegex(self.dom["disk_server_down"], r'id="logoutBtn"[^<]*</button>\s*</form>\s*<p id="result"')
+        self.assertRegex(self.dom["disk_server_down"],
+                         r'id="logoutBtn"[^<]*</button>\s*</form>\s*<p id="result"')
 
 
     def login_by_enter(self, tab):
@@ -1705,15 +1710,16 @@ class TestPageInBrowser(unittest.TestCase):
         self.login_by_enter(tab)
         first = PageReader(tab.dom()).by_id["tokenView"].strip()
         tab.click("refreshBtn")
-        self.assertEqual(tab.result(), "200 OK: a new access token (below) and a new refresh token.")
+        self.assertEqual(tab.result(),
+                         "200 OK: a new access token (below) and a new refresh token.")
         page = PageReader(tab.dom())
         second = page.by_id["tokenView"].strip()
         self.assertNotEqual(second, first)
-        self.assertEqual(stub.bodies["/users/refresh"], [{"refreshToken": "refresh-1-" + "0123456789abcdef" * 2}])
+        self.assertEqual(stub.bodies["/users/refresh"], [{"refreshToken": stub.refresh_token(1)}])
         self.assertIn('"refreshToken": "refresh-…cdef (kept in memory only)"', page.by_id["output"])
         tab.click("logoutBtn")
         self.assertTrue(tab.result().startswith("204: logged out."))
-        self.assertEqual(stub.bodies["/users/logout"], [{"refreshToken": "refresh-2-" + "0123456789abcdef" * 2}])
+        self.assertEqual(stub.bodies["/users/logout"], [{"refreshToken": stub.refresh_token(2)}])
         tab.click("infoBtn")
         self.assertEqual(tab.result(), "401 Unauthorized: session revoked")
         page = PageReader(tab.dom())
@@ -1736,8 +1742,12 @@ class LifecycleStub(http.server.ThreadingHTTPServer):
         test.addCleanup(self.server_close)
         test.addCleanup(self.shutdown)
 
+    @staticmethod
+    def refresh_token(number):
+        return f"refresh-{number}-{'0123456789abcdef' * 2}"   # opaque, as long as a real one
+
     def current_refresh_token(self):
-        return f"refresh-{self.refresh_number}-{'0123456789abcdef' * 2}"   # opaque, as long as real
+        return self.refresh_token(self.refresh_number)
 
     def pair(self):
         return {"token": token_for(jti=str(self.refresh_number)), "expiresIn": 3600,
@@ -1764,7 +1774,8 @@ class LifecycleStubHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.bearer.append(self.headers.get("Authorization", "").partition(" ")[2])
         if self.server.revoked:
-            self.answer(401, {"error": True, "name": "JsonWebTokenError", "message": "session revoked"})
+            self.answer(401, {"error": True, "name": "JsonWebTokenError",
+                              "message": "session revoked"})
         else:
             self.answer(200, {"id": 81623, "username": "test"})
 
@@ -1774,14 +1785,16 @@ class LifecycleStubHandler(http.server.BaseHTTPRequestHandler):
         stub = self.server
         if self.path == "/users/authenticate":
             self.answer(200, stub.pair())
-        elif self.path == "/users/refresh" and body.get("refreshToken") == stub.current_refresh_token():
+        elif (self.path == "/users/refresh"
+              and body.get("refreshToken") == stub.current_refresh_token()):
             stub.refresh_number += 1
             self.answer(200, stub.pair())
         elif self.path == "/users/logout":
             stub.revoked = True
             self.answer(204)
         else:
-            self.answer(401, {"error": True, "name": "RefreshTokenError", "message": "refresh token spent"})
+            self.answer(401, {"error": True, "name": "RefreshTokenError",
+                              "message": "refresh token spent"})
 
     def log_message(self, *args):
         pass
