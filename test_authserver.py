@@ -1444,8 +1444,8 @@ class Browser:
 
     def close(self):
         try:
-            self.call("Browser.close", timeout=5)
-            self.process.wait(timeout=10)
+            self.call("Browser.close", timeout=3)
+            self.process.wait(timeout=5)
         except (AssertionError, OSError, subprocess.TimeoutExpired):
             self.process.kill()
             self.process.wait()
@@ -1534,6 +1534,7 @@ class TestPageInBrowser(unittest.TestCase):
             "valid": base + "#token=" + cls.valid + "&verify",
             "tampered": base + "#token=" + cls.valid + "&tamper&verify",
             "edited": base + f"#signed={cls.expired}&token={cls.edited}&verify",
+            "header_line": base + "#token=Bearer%20" + cls.valid + "&verify",
             "disk_no_token": from_disk + f"{cls.server.server_address[1]}#verify",
             "disk_server_down": from_disk + f"{closed_port}#verify",
         }
@@ -1597,6 +1598,12 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertRegex(page.by_id["time-exp"],
                          rf"^exp expires {re.escape(local_date(claims['exp']))} \(\d min ago\): "
                          r"the server now answers jwt expired$")
+
+    def test_a_pasted_header_line_gets_a_hint(self):
+        page = self.read["header_line"]
+        self.assertEqual(page.by_id["changes"], 'This is a header line, not a token: keep only '
+                                                'what follows "Bearer" (a token starts with eyJ).')
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: jwt malformed")
 
     def test_no_token_sends_none_and_the_tutorials_403_shows_from_disk(self):
         page = self.read["disk_no_token"]
