@@ -764,15 +764,21 @@ HOSTILE = [
 ]
 
 
-class TestHostileHTTP(unittest.TestCase):
+class SharedServerCase(unittest.TestCase):
+    """One server for all the tests of a class, with the settings in server_config."""
+
+    server_config = {}
 
     @classmethod
     def setUpClass(cls):
-        cls.server = start_server(cls)
+        cls.server = start_server(cls, **cls.server_config)
 
     @classmethod
     def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
         cls.addClassCleanup(function, *args, **kwargs)
+
+
+class TestHostileHTTP(SharedServerCase):
 
     def test_each_hostile_request_gets_its_status_in_json(self):
         for description, request, expected in HOSTILE:
@@ -1506,17 +1512,11 @@ def signed(payload_text):
     return f"{HEAD}.{payload}.{signature}"
 
 
-class TestLimitsClaimValues(unittest.TestCase):
-    """No claim value makes a 500: huge ints beside a fractional leeway, and JSON numbers
-    Python reads as infinity."""
+class TestLimitsHugeNumbers(SharedServerCase):
+    """No number makes a 500: claims beyond a float beside a fractional leeway, JSON numbers
+    Python reads as infinity, a Content-Length of thousands of digits."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.server = start_server(cls, leeway=0.5)
-
-    @classmethod
-    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
-        cls.addClassCleanup(function, *args, **kwargs)
+    server_config = {"leeway": 0.5}
 
     def get_info(self, token):
         status, _, body = raw_exchange(
@@ -1568,17 +1568,9 @@ def header_value(head, name):
     return None
 
 
-class TestLimitsCatchMutations(unittest.TestCase):
+class TestLimitsCatchMutations(SharedServerCase):
     """Each test here fails for a plausible wrong change to authserver.py that the rest of
     the suite would let through."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = start_server(cls)
-
-    @classmethod
-    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
-        cls.addClassCleanup(function, *args, **kwargs)
 
     def test_signature_is_compared_with_compare_digest(self):
         with mock.patch("hmac.compare_digest", wraps=hmac.compare_digest) as spy:
