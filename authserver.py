@@ -1792,9 +1792,57 @@ def change_password(args):
     if user is None:
         raise ConfigError(f"no user {args.username!r} in {path}")
     user.pop("password", None)
+    sessions = open_sessions(load_config(args.config or HERE / "config.json"))
     user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
     save_users(path, users)
-    print(f"password changed for {args.username!r} in {path}")
+    # Whoever was logged in with the old password is logged out: that is often why it changed.
+    ended = end_sessions(sessions, args.username)
+    print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
+    return 0
+
+
+# -- sessions -------------------------------------------------------------------
+
+def end_sessions(sessions, username, session_id=None):
+    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+    try:
+        return sessions.end_for_user(username, session_id)
+    except SessionStoreError as error:
+        raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+
+
+def sessions_for_command(args):
+    """The SessionStore and the user's name, checked against the users file."""
+    users = UserStore(args.users or HERE / "users.json")
+    if users.find_by_name(args.username)[0] is None:
+        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    return open_sessions(load_config(args.config or HERE / "config.json"))
+
+
+def list_sessions_command(args):
+    """python authserver.py sessions NAME: the user's live sessions."""
+    sessions = sessions_for_command(args)
+    try:
+        found = sessions.sessions_of(args.username, time.time())
+    except SessionStoreError as error:
+        raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+    if not found:
+        print(f"no live sessions for {args.username!r}")
+    for session in found:
+        print(f"{session['id']}  created {log_time(session['created'])}  "
+              f"last used {log_time(session['lastUsed'])}  expires {log_time(session['expires'])}  "
+              f"{session['address'] or '-'}  {session['userAgent'] or '-'}")
+    return 0
+
+
+def revoke_command(args):
+    """python authserver.py revoke NAME [SESSION]: end all the user's sessions, or one."""
+    sessions = sessions_for_command(args)
+    ended = end_sessions(sessions, args.username, args.session)
+    if args.session and not ended:
+        raise ConfigError(f"no session {args.session!r} for user {args.username!r}")
+    print(f"{ended} session(s) of {args.username!r} revoked; their access tokens are refused "
+          f"within a second")
     return 0
 
 
@@ -1897,6 +1945,49 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.step(6, f"Find the user in {shown}  (require_token)")
     users.user_for(claims)
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
+    explain_session(claims, config, narrator)
+
+
+def explain_session(claims, config, narrator):
+    """Step 7: a token that names a session is good only while the session lives."""
+    narrator.step(7, "Is the session still live?  (check_session)")
+    if "sid" not in claims:
+        narrator.say("   no sid: a token without a session (made by the token command, or "
+                     "before sessions existed)")
+        narrator.check(True, "nothing to revoke it by: it is good until its exp")
+        return
+    narrator.say(f"   sid {claims['sid']!r}, looked up in {config['sessionsFile']}")
+    try:
+        check_session(open_sessions(config), claims)
+    except HTTPError as error:
+        raise ConfigError(f"sessions file {config['sessionsFile']}: {error}") from None
+    narrator.check(True, "the session is live: nobody logged it out or revoked it")
+
+
+def explain_refresh_token(token, config, narrator):
+    """What a refresh token is, and whether this server's database knows it."""
+    narrator.step(1, "This is a refresh token, not a JWT")
+    narrator.say("   43 base64url characters = 32 random bytes from secrets. No header, no")
+    narrator.say("   claims, no signature: nothing in it can be read or checked on its own.")
+    narrator.say("   It means something only to the server that keeps its SHA-256 in the")
+    narrator.say("   sessions file, which is exactly what makes it revocable: delete the")
+    narrator.say("   row and it is worthless. A JWT, checked by its signature alone, cannot be.")
+    narrator.step(2, f"Look up its SHA-256 in {config['sessionsFile']}  (SessionStore.renew)")
+    digest = refresh_token_hash(token)
+    narrator.say(f"   sha256 {digest.hex()}")
+    sessions = open_sessions(config)
+    with sessions.lock:
+        row = sessions.query_one("SELECT id, username, expires FROM sessions "
+                                 "WHERE refresh_hash = ?", (digest,))
+        spent = sessions.query_one("SELECT 1 FROM spent WHERE hash = ?", (digest,))
+    if row is None:
+        raise (RefreshTokenReuseError("refresh token already used: presenting it revokes "
+                                      "its session") if spent else
+               RefreshTokenError("refresh token not recognised (revoked or never issued)"))
+    if row[2] <= time.time():
+        raise RefreshTokenError("refresh token expired; log in again")
+    narrator.check(True, f"the current refresh token of session {row[0]!r}, user {row[1]!r}; "
+                         f"{describe_time('expires', int(row[2]), time.time())}")
 
 
 def explain(args):
@@ -1908,6 +1999,20 @@ def explain(args):
     users = UserStore(args.users or HERE / "users.json")
     narrator = Narrator(sys.stdout)
     now = time.time()
+    if REFRESH_TOKEN_SHAPE.fullmatch(token):
+        try:
+            explain_refresh_token(token, config, narrator)
+        except RefreshTokenError as error:
+            narrator.check(False, f"{error.name}: {error}")
+            narrator.say()
+            narrator.say(narrator.paint(
+                f"Verdict: POST /users/refresh answers 401 "
+                f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
+            return 1
+        narrator.say()
+        narrator.say(narrator.paint("Verdict: valid. POST /users/refresh would renew it "
+                                    "(and spend it).", "ok"))
+        return 0
     try:
         explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:
@@ -1949,6 +2054,16 @@ def build_parser():
     passwd = commands.add_parser("passwd", parents=[files], help="change a user's password")
     passwd.add_argument("username")
     passwd.set_defaults(action=change_password)
+
+    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions")
+    sessions.add_argument("username")
+    sessions.set_defaults(action=list_sessions_command)
+
+    revoke = commands.add_parser("revoke", parents=[files],
+                                 help="revoke a user's sessions (all, or the one given)")
+    revoke.add_argument("username")
+    revoke.add_argument("session", nargs="?", help="a session id from the sessions command")
+    revoke.set_defaults(action=revoke_command)
 
     token = commands.add_parser("token", parents=[files], help="print a token for a user")
     token.add_argument("username")
