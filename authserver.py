@@ -907,7 +907,8 @@ class SessionStore:
                                 (refresh_token_hash(refresh_token), session_id))
         self.connection.execute(
             "DELETE FROM spent WHERE session_id = ? AND rowid NOT IN (SELECT rowid FROM spent "
-            "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)", (session_id, session_id, SPENT_KEPT))
+            "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)",
+            (session_id, session_id, SPENT_KEPT))
         return Renewal(session_id, username, successor_token, int(now))
 
     def end_by_token(self, refresh_token):
@@ -940,7 +941,8 @@ class SessionStore:
             try:
                 rows = self.connection.execute(
                     "SELECT id, created, last_used, expires, address, user_agent FROM sessions "
-                    "WHERE username = ? AND expires > ? ORDER BY created", (username, now)).fetchall()
+                    "WHERE username = ? AND expires > ? ORDER BY created",
+                    (username, now)).fetchall()
             except sqlite3.Error as error:
                 raise SessionStoreError(str(error)) from None
         return [{"id": row[0], "created": int(row[1]), "lastUsed": int(row[2]),
