@@ -1554,6 +1554,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
         super().__init__(address, AuthRequestHandler)
         threading.Thread(target=self.cut_off_slow_clients, daemon=True).start()
 
+    def server_close(self):
+        super().server_close()
+        if getattr(self, "sessions", None) is not None:
+            self.sessions.close()
+
     def server_bind(self):
         # http.server looks up the host's full DNS name here, which can take seconds.
         socketserver.TCPServer.server_bind(self)
@@ -1637,6 +1642,7 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     try:
         server = AuthServer((host, port), config, users, key, tls_context, log_stream)
     except OSError as error:
+        sessions.close()
         raise ConfigError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
     users.log = server.log          # reloads are worth a line in the server's log
     server.sessions = sessions
@@ -1794,11 +1800,12 @@ def change_password(args):
     if user is None:
         raise ConfigError(f"no user {args.username!r} in {path}")
     user.pop("password", None)
-    sessions = open_sessions(load_config(args.config or HERE / "config.json"))
-    user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
-    save_users(path, users)
-    # Whoever was logged in with the old password is logged out: that is often why it changed.
-    ended = end_sessions(sessions, args.username)
+    with contextlib.closing(open_sessions(load_config(args.config or HERE / "config.json"))) \
+            as sessions:
+        user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
+        save_users(path, users)
+        # Whoever was logged in with the old password is logged out: often why it changed.
+        ended = end_sessions(sessions, args.username)
     print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
     return 0
 
@@ -1823,11 +1830,11 @@ def sessions_for_command(args):
 
 def list_sessions_command(args):
     """python authserver.py sessions NAME: the user's live sessions."""
-    sessions = sessions_for_command(args)
-    try:
-        found = sessions.sessions_of(args.username, time.time())
-    except SessionStoreError as error:
-        raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+    with contextlib.closing(sessions_for_command(args)) as sessions:
+        try:
+            found = sessions.sessions_of(args.username, time.time())
+        except SessionStoreError as error:
+            raise ConfigError(f"sessions file {sessions.path}: {error}") from None
     if not found:
         print(f"no live sessions for {args.username!r}")
     for session in found:
@@ -1839,8 +1846,8 @@ def list_sessions_command(args):
 
 def revoke_command(args):
     """python authserver.py revoke NAME [SESSION]: end all the user's sessions, or one."""
-    sessions = sessions_for_command(args)
-    ended = end_sessions(sessions, args.username, args.session)
+    with contextlib.closing(sessions_for_command(args)) as sessions:
+        ended = end_sessions(sessions, args.username, args.session)
     if args.session and not ended:
         raise ConfigError(f"no session {args.session!r} for user {args.username!r}")
     print(f"{ended} session(s) of {args.username!r} revoked; their access tokens are refused "
@@ -1960,7 +1967,8 @@ def explain_session(claims, config, narrator):
         return
     narrator.say(f"   sid {claims['sid']!r}, looked up in {config['sessionsFile']}")
     try:
-        check_session(open_sessions(config), claims)
+        with contextlib.closing(open_sessions(config)) as sessions:
+            check_session(sessions, claims)
     except HTTPError as error:
         raise ConfigError(f"sessions file {config['sessionsFile']}: {error}") from None
     narrator.check(True, "the session is live: nobody logged it out or revoked it")
@@ -1977,8 +1985,7 @@ def explain_refresh_token(token, config, narrator):
     narrator.step(2, f"Look up its SHA-256 in {config['sessionsFile']}  (SessionStore.renew)")
     digest = refresh_token_hash(token)
     narrator.say(f"   sha256 {digest.hex()}")
-    sessions = open_sessions(config)
-    with sessions.lock:
+    with contextlib.closing(open_sessions(config)) as sessions, sessions.lock:
         row = sessions.query_one("SELECT id, username, expires FROM sessions "
                                  "WHERE refresh_hash = ?", (digest,))
         spent = sessions.query_one("SELECT 1 FROM spent WHERE hash = ?", (digest,))

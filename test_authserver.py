@@ -1635,6 +1635,18 @@ class TestSessionsStorage(SessionsCase):
         self.assertTrue(error.startswith(f"authserver: sessions file {missing.folder / 'no' / 'such'}"),
                         error)
 
+    def test_a_locked_or_read_only_sessions_file_refuses_to_start(self):
+        # Simulated: as root here, a chmod would not stop SQLite from writing.
+        for failure in ("database is locked", "attempt to write a readonly database"):
+            with self.subTest(failure=failure), mock.patch(
+                    "authserver.sqlite3.connect",
+                    side_effect=authserver.sqlite3.OperationalError(failure)):
+                code, out, error = main_in_process("--config", self.files.config,
+                                                   "--users", self.files.users)
+                self.assertEqual((code, out), (2, ""))
+                self.assertEqual(error, f"authserver: sessions file {self.sessions_file()}: "
+                                        f"{failure}\n")
+
     def test_config_keys_are_checked(self):
         cases = [({"refreshTokenLifetime": "30m"}, "refreshTokenLifetime must be at least tokenLifetime"),
                  ({"refreshTokenLifetime": "soon"}, "refreshTokenLifetime must be a positive"),
