@@ -1630,10 +1630,11 @@ class TestSessionsStorage(SessionsCase):
             f"authserver: sessions file {self.sessions_file()}: file is not a database"),
             result.stderr)
         missing = Files(self, sessionsFile="no/such/folder/sessions")
-        code, _, error = main_in_process("--config", missing.config, "--users", missing.users)
-        self.assertEqual((code, len(error.splitlines())), (2, 1), error)
-        self.assertTrue(error.startswith(f"authserver: sessions file {missing.folder / 'no' / 'such'}"),
-                        error)
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.make_server(missing.config, missing.users, "127.0.0.1", 0,
+                                   log_stream=io.StringIO())
+        self.assertTrue(str(caught.exception).startswith(
+            f"sessions file {missing.folder / 'no' / 'such'}"), caught.exception)
 
     def test_a_locked_or_read_only_sessions_file_refuses_to_start(self):
         # Simulated: as root here, a chmod would not stop SQLite from writing.
@@ -1641,11 +1642,11 @@ class TestSessionsStorage(SessionsCase):
             with self.subTest(failure=failure), mock.patch(
                     "authserver.sqlite3.connect",
                     side_effect=authserver.sqlite3.OperationalError(failure)):
-                code, out, error = main_in_process("--config", self.files.config,
-                                                   "--users", self.files.users)
-                self.assertEqual((code, out), (2, ""))
-                self.assertEqual(error, f"authserver: sessions file {self.sessions_file()}: "
-                                        f"{failure}\n")
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.make_server(self.files.config, self.files.users, "127.0.0.1", 0,
+                                           log_stream=io.StringIO())
+                self.assertEqual(str(caught.exception),
+                                 f"sessions file {self.sessions_file()}: {failure}")
 
     def test_config_keys_are_checked(self):
         cases = [({"refreshTokenLifetime": "30m"}, "refreshTokenLifetime must be at least tokenLifetime"),
