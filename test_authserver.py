@@ -1471,6 +1471,14 @@ class TestSessionsRevocation(SessionsCase):
         self.assertEqual(self.info(theirs["token"])[0], 200)
         self.assertEqual(self.client.request("POST", "/users/logoutAll", b"")[0], 403)
 
+    def test_a_deleted_user_cannot_refresh(self):
+        body = self.login()
+        authserver.save_users(self.files.users, TEST_USERS[1:])
+        self.server.users.refresh(force=True)
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, {
+            "error": True, "name": "RefreshTokenError", "message": "user not found"}))
+        self.assertEqual(self.server.sessions.sessions_of("test", time.time()), [])
+
     def test_oldest_sessions_end_past_max_sessions_per_user(self):
         self.server.sessions.max_per_user = 2
         bodies = [self.login() for _ in range(3)]
@@ -1565,8 +1573,10 @@ class TestSessionsStorage(SessionsCase):
                     status, response, answer = self.client.request("POST", path, request_body)
                     self.assertEqual((status, answer), (503, expected))
                     self.assertEqual(response.getheader("Retry-After"), "5")
-            # A live session is checked in memory: getInfo does not need the file.
+            # A live session is checked in memory: getInfo does not need the file ...
             self.assertEqual(self.info(body["token"])[0], 200)
+            # ... unless it is one this process has never seen.
+            self.assertEqual(self.info(token_for(sid="started-elsewhere")), (503, expected))
         self.assertIn("attempt to write a readonly database", self.server.test_log.getvalue())
         self.assertNotIn("Traceback", self.server.test_log.getvalue())
         self.assertEqual(self.refresh(body["refreshToken"])[0], 200)     # nothing was spent
@@ -1612,10 +1622,9 @@ class TestSessionsStorage(SessionsCase):
         stop.set()
         for thread in threads:
             thread.join(timeout=10)
-        import sqlite3
-        with sqlite3.connect(self.sessions_file()) as check:
-            self.assertEqual(check.execute("PRAGMA integrity_check").fetchone(), ("ok",))
-        check.close()
+        check = authserver.sqlite3.connect(self.sessions_file())
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA integrity_check").fetchone(), ("ok",))
         status, renewed = self.refresh(first["refreshToken"])
         self.assertEqual(status, 200, renewed)
 
