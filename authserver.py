@@ -693,10 +693,13 @@ class SessionStoreError(Exception):
     """The sessions file cannot be read or written right now (503, never a token)."""
 
 
+# What a login or a refresh hands out: the session, its new refresh token, and the time the
+# access token that goes with it is issued at (its iat).
 Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at")
 
 
 def refresh_token_hash(token):
+    """What the file keeps instead of the token: its SHA-256."""
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
@@ -714,7 +717,7 @@ class SessionStore:
     """Sessions in SQLite, and in memory the ids of the live ones, for require_token.
 
     One connection behind a lock, not one per thread: SQLite lets one writer in at a time
-    anyway, a Python lock queues our threads fairly where SQLite's busy handler would have
+    anyway, a Python lock queues our threads in turn where SQLite's busy handler would have
     them sleep and poll, and the in-memory set changes under the same lock as the rows.
     Two processes (a second server, the CLI) are kept apart by BEGIN IMMEDIATE.
     """
@@ -731,10 +734,13 @@ class SessionStore:
         self.dead = set()           # sids known to be gone: refused without asking the file
         try:
             self.connection = self.connect()
-            with self.lock:
-                self.data_version = self.query_one("PRAGMA data_version")[0]
-                self.live = self.live_ids(time.time())
         except (sqlite3.Error, OSError) as error:
+            raise ConfigError(f"sessions file {self.path}: {error}") from None
+        try:
+            self.data_version = self.query_one("PRAGMA data_version")[0]
+            self.live = self.live_ids(time.time())
+        except sqlite3.Error as error:
+            self.connection.close()
             raise ConfigError(f"sessions file {self.path}: {error}") from None
 
     def connect(self):
@@ -1821,7 +1827,7 @@ def end_sessions(sessions, username, session_id=None):
 
 
 def sessions_for_command(args):
-    """The SessionStore and the user's name, checked against the users file."""
+    """The SessionStore, once the user is found in the users file; ConfigError if not."""
     users = UserStore(args.users or HERE / "users.json")
     if users.find_by_name(args.username)[0] is None:
         raise ConfigError(f"no user {args.username!r} in {users.path}")
