@@ -46,6 +46,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import math
 import os
 import re
 import secrets
@@ -91,20 +92,37 @@ DEFAULT_CONFIG = {
     "audience": None,              # likewise "aud"
     "maxBodyBytes": 16384,
     "requestTimeout": 10,          # seconds a client has to send a whole request
-    "loginAttempts": 5,            # failed logins allowed per user and per address ...
-    "loginWindow": 60,             # ... in this many seconds
+    "loginAttempts": 5,            # password checks one username may start ...
+    "addressLoginAttempts": 50,    # ... and one client address (a whole class behind a NAT) ...
+    "loginWindow": 60,             # ... in this many seconds; a right password is not counted
     "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
 }
 
 MIN_SECRET_BYTES = 32          # RFC 7518 §3.2: an HS256 key at least as long as the hash
+MAX_ITERATIONS = 10_000_000    # PBKDF2 rounds: more would take minutes per login
 MAX_TOKEN_BYTES = 8192         # refuse longer tokens before doing any work on them
 MAX_LINE_BYTES = 8192          # request line
 MAX_HEADER_BYTES = 16384       # all header lines together, like Node's default
 MAX_HEADERS = 100
-DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+DURATION = re.compile(r"(\d{1,9})\s*([smhd]?)")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# The numeric settings: (int for whole numbers only, float for any number, lowest, highest).
+# Counts, sizes and the port are whole numbers; only times in seconds may be fractional.
+# The bounds keep every value usable where it goes (a deque length, a thread timeout).
+NUMBER_SETTINGS = {
+    "port": (int, 0, 65535),
+    "maxBodyBytes": (int, 1, 2 ** 30),
+    "loginAttempts": (int, 1, 1_000_000),
+    "addressLoginAttempts": (int, 1, 1_000_000),
+    "loginWindow": (int, 1, 86400),
+    "passwordIterations": (int, 1, MAX_ITERATIONS),
+    "leeway": (float, 0, 86400),
+    "requestTimeout": (float, 0.001, 86400),
+    "shutdownGrace": (float, 0, 86400),
+}
 
 
 class ConfigError(Exception):
@@ -119,6 +137,17 @@ def parse_duration(value, name):
     if not match or int(match.group(1)) == 0:
         raise ConfigError(f'{name} must be a positive number of seconds or like "30m", "1h", "2d"')
     return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def checked_number(value, name, where):
+    """value, if NUMBER_SETTINGS allows it for name; else ConfigError naming where it came from."""
+    kind, lowest, highest = NUMBER_SETTINGS[name]
+    allowed = (int,) if kind is int else (int, float)     # type(), so that True is not 1
+    # NaN and infinities fail the range check as well.
+    if type(value) not in allowed or not lowest <= value <= highest:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{where}: {name} must be {what} from {lowest} to {highest}")
+    return value
 
 
 def read_json_file(path, what):
@@ -140,14 +169,12 @@ def load_config(path):
     if unknown:
         raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
-    config["tokenLifetime"] = parse_duration(config["tokenLifetime"], "tokenLifetime")
-    for name, lowest in (("leeway", 0), ("shutdownGrace", 0), ("requestTimeout", 0.001),
-                         ("maxBodyBytes", 1), ("loginAttempts", 1), ("loginWindow", 1),
-                         ("passwordIterations", 1)):
-        if type(config[name]) not in (int, float) or config[name] < lowest:
-            raise ConfigError(f"config file {path}: {name} must be a number >= {lowest}")
-    if type(config["port"]) is not int or not 0 <= config["port"] <= 65535:
-        raise ConfigError(f"config file {path}: port must be a whole number from 0 to 65535")
+    config["tokenLifetime"] = parse_duration(config["tokenLifetime"],
+                                             f"config file {path}: tokenLifetime")
+    for name in NUMBER_SETTINGS:
+        checked_number(config[name], name, f"config file {path}")
+    if type(config["accessLog"]) is not bool:
+        raise ConfigError(f"config file {path}: accessLog must be true or false")
     for name in ("secret", "secretFile", "host"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
@@ -434,8 +461,8 @@ def read_payload(payload_segment):
 
 
 def is_number(value):
-    """JSON numbers only: True and "1700000000" are not times."""
-    return type(value) in (int, float)
+    """Finite JSON numbers only: True, "1700000000" and 1e400 (inf to Python) are not times."""
+    return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
 def check_claims(claims, now, leeway=0, issuer=None, audience=None):
@@ -453,7 +480,9 @@ def check_claims(claims, now, leeway=0, issuer=None, audience=None):
     # We always set exp, so a token without one was not made by us.
     if not is_number(claims.get("exp")):
         raise TokenError("invalid exp value")
-    if now >= claims["exp"] + leeway:
+    # now - leeway, not exp + leeway: an int exp beyond a float's range cannot be added to
+    # a float leeway, but compares with a float exactly.
+    if now - leeway >= claims["exp"]:
         raise TokenExpiredError("jwt expired")
     if audience is not None:
         presented = claims.get("aud")
@@ -483,7 +512,6 @@ def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
 # string says how it was made, so the iteration count can rise without breaking
 # old hashes. PBKDF2-HMAC-SHA256 at 600,000 rounds is OWASP's 2023 advice.
 HASH_ALGORITHM = "pbkdf2_sha256"
-MAX_ITERATIONS = 10_000_000
 
 
 def hash_password(password, iterations=DEFAULT_CONFIG["passwordIterations"], salt=None):
@@ -690,41 +718,52 @@ class UserStore:
 
 
 class LoginLimiter:
-    """Failed logins per key (a username, an address) in a sliding window.
+    """Password checks started per key, ("user", name) or ("address", ip), in a sliding window.
 
-    The table holds at most max_keys keys, dropping the least recently failed, so a
-    flood of made-up usernames cannot grow it without limit.
+    A check is counted when it starts, in the same locked step that finds it allowed:
+    counting only failures already made would let a burst of guesses sent at once all
+    through before the first one is counted. limits gives each kind of key its own limit.
+    The table holds at most max_keys keys, dropping the least recently used, so a flood
+    of made-up usernames cannot grow it without limit.
     """
 
-    def __init__(self, attempts, window, max_keys=10000):
-        self.attempts, self.window, self.max_keys = attempts, window, max_keys
-        self.failures = OrderedDict()            # key -> deque of failure times
+    def __init__(self, limits, window, max_keys=10000):
+        self.limits, self.window, self.max_keys = limits, window, max_keys
+        self.started = OrderedDict()             # key -> deque of start times, oldest first
         self.lock = threading.Lock()
 
-    def retry_after(self, keys, now):
-        """Seconds until any of keys may try again; 0 if all may try now."""
-        wait = 0.0
+    def reserve(self, keys, now):
+        """Count one check against every key and return 0; or, if any key has none left,
+        count nothing and return the whole seconds until it has one."""
         with self.lock:
+            waits = []
             for key in keys:
-                times = self.failures.get(key)
+                times = self.started.get(key)
                 while times and times[0] <= now - self.window:
                     times.popleft()
-                if times and len(times) >= self.attempts:
-                    wait = max(wait, times[0] + self.window - now)
-        return int(wait) + 1 if wait else 0
-
-    def record_failure(self, keys, now):
-        with self.lock:
+                if times and len(times) >= self.limits[key[0]]:
+                    waits.append(times[0] + self.window - now)
+            if waits:
+                return int(max(waits)) + 1
             for key in keys:
-                times = self.failures.pop(key, None) or deque(maxlen=max(self.attempts, 1))
+                times = self.started.pop(key, None) or deque()
                 times.append(now)
-                self.failures[key] = times
-            while len(self.failures) > self.max_keys:
-                self.failures.popitem(last=False)
+                self.started[key] = times       # to the end: the most recently used
+            while len(self.started) > self.max_keys:
+                self.started.popitem(last=False)
+        return 0
+
+    def release(self, key, now):
+        """Take back the check counted against key at now (a right password)."""
+        with self.lock:
+            times = self.started.get(key)
+            if times and now in times:
+                times.remove(now)
 
     def forget(self, key):
+        """Start key's count afresh."""
         with self.lock:
-            self.failures.pop(key, None)
+            self.started.pop(key, None)
 
 
 def decode_password(encoded):
@@ -918,8 +957,9 @@ def authenticate(request):
     username, encoded_password = read_credentials(request)
     server, now = request.server, time.time()
     limiter = server.limiter
-    keys = (("user", username), ("address", request.client_address[0]))
-    wait = limiter.retry_after(keys, now)
+    user_key, address_key = ("user", username), ("address", request.client_address[0])
+    # The check is counted before the hash is computed, so no burst gets more than the limit.
+    wait = limiter.reserve((user_key, address_key), now)
     if wait:
         raise HTTPError(429, f"Too many failed logins; try again in {wait} seconds",
                         headers=(("Retry-After", str(wait)),))
@@ -929,9 +969,10 @@ def authenticate(request):
     with server.hashing:
         matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
-        limiter.record_failure(keys, now)
         raise HTTPError(400, "Username or password is incorrect")
-    limiter.forget(keys[0])
+    limiter.forget(user_key)                 # the user's count starts afresh ...
+    limiter.release(address_key, now)        # ... and a right password is not held against
+                                             # the others who share the address
     config = server.config
     claims = make_claims(user.record, now, config["tokenLifetime"], config["issuer"],
                          config["audience"])
@@ -1125,9 +1166,11 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             return b""
         if not (length_text.isascii() and length_text.isdigit()):
             raise HTTPError(400, "Bad Content-Length")
-        length, limit = int(length_text), self.server.config["maxBodyBytes"]
-        if length > limit:
+        digits, limit = length_text.lstrip("0") or "0", self.server.config["maxBodyBytes"]
+        # Count the digits before int(): Python refuses to convert more than 4,300 of them.
+        if len(digits) > len(str(limit)) or int(digits) > limit:
             raise HTTPError(413, f"Body larger than {limit} bytes")
+        length = int(digits)
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1212,10 +1255,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
-        self.limiter = LoginLimiter(config["loginAttempts"], config["loginWindow"])
+        self.limiter = LoginLimiter({"user": config["loginAttempts"],
+                                     "address": config["addressLoginAttempts"]},
+                                    config["loginWindow"])
         # One password hash per CPU at a time: a burst of logins waits its turn instead of
-        # taking every core from the requests behind it. (The limiter counts only failures
-        # already made, so it cannot stop a burst sent all at once.)
+        # taking every core from the requests behind it.
         self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
@@ -1311,7 +1355,7 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     except OSError:
         pass                # a read-only folder: then nobody can have left anything there
     host = config["host"] if host is None else host
-    port = config["port"] if port is None else port
+    port = config["port"] if port is None else checked_number(port, "port", "--port")
     try:
         server = AuthServer((host, port), config, users, key, tls_context, log_stream)
     except OSError as error:

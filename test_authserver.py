@@ -679,7 +679,7 @@ class TestBruteForce(unittest.TestCase):
         client.close()
 
     def test_429_per_address_across_usernames(self):
-        server = start_server(self, loginAttempts=3, loginWindow=60)
+        server = start_server(self, loginAttempts=3, addressLoginAttempts=3, loginWindow=60)
         client = Client(server)
         for name in ("a", "b", "c"):
             client.request("POST", "/users/authenticate", login_body(name, "x"))
@@ -714,14 +714,14 @@ class TestBruteForce(unittest.TestCase):
         self.assertLessEqual(most[0], 2)
 
     def test_window_slides_and_memory_is_bounded(self):
-        limiter = authserver.LoginLimiter(attempts=2, window=60, max_keys=100)
-        limiter.record_failure([("user", "a")], 1000)
-        limiter.record_failure([("user", "a")], 1010)
-        self.assertEqual(limiter.retry_after([("user", "a")], 1020), 41)
-        self.assertEqual(limiter.retry_after([("user", "a")], 1061), 0)
+        limiter = authserver.LoginLimiter({"user": 2}, window=60, max_keys=100)
+        self.assertEqual(limiter.reserve([("user", "a")], 1000), 0)
+        self.assertEqual(limiter.reserve([("user", "a")], 1010), 0)
+        self.assertEqual(limiter.reserve([("user", "a")], 1020), 41)
+        self.assertEqual(limiter.reserve([("user", "a")], 1061), 0)
         for n in range(10000):
-            limiter.record_failure([("user", str(n))], 2000)
-        self.assertEqual(len(limiter.failures), 100)
+            limiter.reserve([("user", str(n))], 2000)
+        self.assertEqual(len(limiter.started), 100)
 
 
 # ---------------------------------------------------------------------------
