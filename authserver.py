@@ -23,7 +23,7 @@ The file reads top to bottom, each section using only what stands above it:
     1. Settings            config.json, the signing secret, the limits
     2. base64url           RFC 4648 §5, strict
     3. JWT                 encode_token / decode_token: pure functions, no HTTP
-    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter
+    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter, sessions
     5. HTTP errors         one HTTPError, one JSON responder
     6. Middleware          a list of small steps every request goes through
     7. Routes              a table of (method, path) -> function
@@ -53,6 +53,7 @@ import secrets
 import signal
 import socket
 import socketserver
+import sqlite3
 import ssl
 import sys
 import tempfile
@@ -98,6 +99,10 @@ DEFAULT_CONFIG = {
     "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
+    "refreshTokenLifetime": "14d",  # a refresh token's life from its issue (at least tokenLifetime)
+    "sessionsFile": "authserver.sessions",  # SQLite, relative to the config file's folder
+    "maxSessionsPerUser": 20,      # a user's oldest sessions end when a login goes past this
+    "refreshGrace": 10,            # seconds a just-rotated refresh token still gets the same pair
 }
 
 MIN_SECRET_BYTES = 32          # RFC 7518 §3.2: an HS256 key at least as long as the hash
@@ -122,6 +127,8 @@ NUMBER_SETTINGS = {
     "leeway": (float, 0, 86400),
     "requestTimeout": (float, 0.001, 86400),
     "shutdownGrace": (float, 0, 86400),
+    "maxSessionsPerUser": (int, 1, 1_000_000),
+    "refreshGrace": (float, 0, 86400),
 }
 
 
@@ -171,13 +178,21 @@ def load_config(path):
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
     config["tokenLifetime"] = parse_duration(config["tokenLifetime"],
                                              f"config file {path}: tokenLifetime")
+    config["refreshTokenLifetime"] = parse_duration(config["refreshTokenLifetime"],
+                                                    f"config file {path}: refreshTokenLifetime")
+    if config["refreshTokenLifetime"] < config["tokenLifetime"]:
+        # A session must outlive the access tokens it issued, or they would be refused early.
+        raise ConfigError(f"config file {path}: refreshTokenLifetime must be at least "
+                          f"tokenLifetime")
     for name in NUMBER_SETTINGS:
         checked_number(config[name], name, f"config file {path}")
     if type(config["accessLog"]) is not bool:
         raise ConfigError(f"config file {path}: accessLog must be true or false")
-    for name in ("secret", "secretFile", "host"):
+    for name in ("secret", "secretFile", "host", "sessionsFile"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
+    if not config["sessionsFile"]:
+        raise ConfigError(f"config file {path}: sessionsFile must not be empty")
     for name in ("issuer", "audience"):
         if config[name] is not None and not (isinstance(config[name], str) and config[name]):
             raise ConfigError(f"config file {path}: {name} must be null or a non-empty string")
@@ -397,10 +412,12 @@ def encode_token(claims, secret):
     return f"{signing_input}.{b64url_encode(signature)}"
 
 
-def make_claims(user, now, lifetime, issuer=None, audience=None):
-    """What a login token says: who, issued when, valid until when (and for whom)."""
+def make_claims(user, now, lifetime, issuer=None, audience=None, session_id=None):
+    """What a login token says: who, issued when, until when (for whom, in which session)."""
     claims = {"id": user["id"], "username": user["username"],
               "iat": int(now), "exp": int(now) + lifetime}
+    if session_id:
+        claims["sid"] = session_id
     if issuer:
         claims["iss"] = issuer
     if audience:
@@ -782,6 +799,318 @@ def decode_password(encoded):
         return raw.decode("latin-1")
 
 
+# -- sessions: refresh tokens, logout, revocation -----------------------------
+# An access token is stateless: nobody can take it back before its exp. A session is the
+# stateful half that makes logout possible. Each login starts one, in SQLite; the access
+# token names it ("sid"), and a refresh token, random and opaque, renews it. Revoking the
+# session refuses its access tokens from that moment and its refresh token for ever.
+#
+# The file holds SHA-256 hashes of refresh tokens only, never a token: a copy of it lets
+# nobody in. Each refresh rotates the token (the old one is spent); a spent token coming
+# back means two holders, a thief and the owner, so the whole session is revoked (RFC 9700
+# §4.14.2).
+
+SESSION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,            -- the access token's "sid"
+    username TEXT NOT NULL,
+    refresh_hash BLOB NOT NULL UNIQUE,  -- SHA-256 of the current refresh token
+    previous_hash BLOB,             -- SHA-256 of the one it replaced ...
+    sealed_successor BLOB,          -- ... and the current one, sealed with a key only it gives
+    rotated_at REAL NOT NULL,       -- when the current refresh token was issued
+    created REAL NOT NULL,
+    last_used REAL NOT NULL,
+    expires REAL NOT NULL,          -- rotated_at + refreshTokenLifetime
+    address TEXT NOT NULL,
+    user_agent TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username, created);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires);
+CREATE INDEX IF NOT EXISTS sessions_by_previous ON sessions (previous_hash);
+CREATE TABLE IF NOT EXISTS spent (  -- refresh tokens already rotated: reuse means theft
+    hash BLOB PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS spent_by_session ON spent (session_id);
+"""
+SPENT_KEPT = 32                # spent hashes remembered per session; older ones are "unknown"
+REFRESH_TOKEN_BYTES = 32
+REFRESH_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")      # 32 bytes in base64url
+
+
+class RefreshTokenError(TokenError):
+    """A refresh token that renews nothing: unknown, expired, or its session ended."""
+    name = "RefreshTokenError"
+
+
+class RefreshTokenReuseError(RefreshTokenError):
+    """A spent refresh token came back: the session is revoked."""
+    name = "RefreshTokenReuseError"
+
+
+class SessionRevokedError(TokenError):
+    """A validly signed access token whose session has ended (logout, revoke, reuse)."""
+    name = "SessionRevokedError"
+
+
+class SessionStoreError(Exception):
+    """The sessions file cannot be read or written right now (503, never a token)."""
+
+
+Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at")
+
+
+def refresh_token_hash(token):
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def seal(successor, previous_token):
+    """successor XOR HMAC-SHA256(previous token, "successor"): the same call opens it.
+
+    Only whoever presents the previous token can open it, and the file never holds that
+    token, so a copy of the file opens nothing.
+    """
+    pad = hmac.new(previous_token.encode("utf-8"), b"successor", hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(successor, pad))
+
+
+class SessionStore:
+    """Sessions in SQLite, and in memory the ids of the live ones, for require_token.
+
+    One connection behind a lock, not one per thread: SQLite lets one writer in at a time
+    anyway, a Python lock queues our threads fairly where SQLite's busy handler would have
+    them sleep and poll, and the in-memory set changes under the same lock as the rows.
+    Two processes (a second server, the CLI) are kept apart by BEGIN IMMEDIATE.
+    """
+
+    RECHECK_SECONDS = 1.0
+    MAX_DEAD_IDS = 10000
+
+    def __init__(self, path, refresh_lifetime, max_per_user, grace, log=lambda message: None):
+        self.path = Path(path)
+        self.refresh_lifetime, self.max_per_user, self.grace = refresh_lifetime, max_per_user, grace
+        self.log = log
+        self.lock = threading.Lock()
+        self.next_check = 0.0
+        self.dead = set()           # sids known to be gone: refused without asking the file
+        try:
+            self.connection = self.connect()
+            with self.lock:
+                self.data_version = self.query_one("PRAGMA data_version")[0]
+                self.live = self.live_ids(time.time())
+        except (sqlite3.Error, OSError) as error:
+            raise ConfigError(f"sessions file {self.path}: {error}") from None
+
+    def connect(self):
+        """Open (or create, mode 0600) the file, in WAL mode, with the tables."""
+        if not self.path.exists():
+            # Created here with its mode, so the file is never readable by others, not even
+            # for a moment. (Windows ignores the mode; the folder's permissions apply.)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        connection = sqlite3.connect(self.path, timeout=5, isolation_level=None,
+                                     check_same_thread=False)
+        try:
+            # WAL: readers never wait for the writer, and a kill -9 loses no committed
+            # transaction. NORMAL: no fsync per commit (a power cut may lose the last ones;
+            # their holders log in again), and the file is never left corrupt.
+            if connection.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise sqlite3.OperationalError("cannot switch to WAL mode")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.executescript(SESSION_SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def close(self):
+        with self.lock:
+            self.connection.close()
+
+    def query_one(self, sql, parameters=()):
+        return self.connection.execute(sql, parameters).fetchone()
+
+    def transaction(self, work):
+        """Run work() inside BEGIN IMMEDIATE ... COMMIT, under the lock; SessionStoreError if
+        the file fails. Nothing is returned to a client before COMMIT has succeeded."""
+        with self.lock:
+            try:
+                self.connection.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work()
+                    self.connection.execute("COMMIT")
+                except BaseException:
+                    self.connection.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as error:
+                raise SessionStoreError(str(error)) from None
+            return result
+
+    # -- what require_token asks, on every request ---------------------------------
+
+    def live_ids(self, now):
+        return {row[0] for row in self.connection.execute(
+            "SELECT id FROM sessions WHERE expires > ?", (now,))}
+
+    def pick_up_changes(self):
+        """At most once a second, reload the live ids if another process changed the file.
+
+        PRAGMA data_version changes when another connection commits, and only then.
+        """
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.RECHECK_SECONDS
+        with self.lock:
+            try:
+                version = self.query_one("PRAGMA data_version")[0]
+                if version != self.data_version:
+                    self.live = self.live_ids(time.time())
+                    self.data_version = version
+            except sqlite3.Error as error:
+                self.log(f"sessions file not re-read, keeping what is known: {error}")
+
+    def check_live(self, session_id):
+        """SessionRevokedError unless the session is live. A set lookup, as a rule: the file
+        is read only for an id this process has never seen (a session another server started
+        a moment ago, or one that ended), and an id found gone is remembered."""
+        self.pick_up_changes()
+        if session_id in self.live:
+            return
+        if session_id not in self.dead:
+            with self.lock:
+                try:
+                    found = self.query_one("SELECT 1 FROM sessions WHERE id = ? AND expires > ?",
+                                           (session_id, time.time()))
+                except sqlite3.Error as error:
+                    raise SessionStoreError(str(error)) from None
+                if found:
+                    self.live.add(session_id)
+                    return
+                if len(self.dead) >= self.MAX_DEAD_IDS:
+                    self.dead.clear()
+                self.dead.add(session_id)
+        raise SessionRevokedError("session revoked")
+
+    # -- changes: each in one transaction ------------------------------------------
+
+    def start(self, username, now, address="", user_agent=""):
+        """A new session: (its id, its first refresh token). Expired sessions and the
+        user's oldest ones past maxSessionsPerUser go in the same transaction."""
+        session_id = secrets.token_urlsafe(16)
+        refresh_token = b64url_encode(secrets.token_bytes(REFRESH_TOKEN_BYTES))
+
+        def work():
+            ended = [row[0] for row in self.connection.execute(
+                "SELECT id FROM sessions WHERE expires <= ? UNION "
+                "SELECT id FROM (SELECT id FROM sessions WHERE username = ? "
+                "ORDER BY created DESC LIMIT -1 OFFSET ?)", (now, username, self.max_per_user - 1))]
+            self.delete(ended)
+            self.connection.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?)",
+                (session_id, username, refresh_token_hash(refresh_token), now, now, now,
+                 now + self.refresh_lifetime, address[:100], user_agent[:200]))
+            return ended
+        self.transaction(work)
+        self.live.add(session_id)
+        return session_id, refresh_token
+
+    def delete(self, session_ids):
+        """Delete sessions (their spent hashes follow, ON DELETE CASCADE); call inside work."""
+        for session_id in session_ids:
+            self.connection.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self.live.discard(session_id)
+
+    def renew(self, refresh_token, now):
+        """Rotate a refresh token: a Renewal with its successor; RefreshTokenError if none.
+
+        Two refreshes at the same moment with the same token (an app's two tabs or two
+        requests) are not theft: within refreshGrace seconds of a rotation the token it
+        replaced gets the same successor again, unsealed from the row, and the same access
+        token (same iat). After that, or for any older spent token, the session is revoked.
+        """
+        presented = refresh_token_hash(refresh_token)
+
+        def work():
+            row = self.query_one("SELECT id, username, expires FROM sessions "
+                                 "WHERE refresh_hash = ?", (presented,))
+            if row is not None:
+                return self.rotate(row, refresh_token, now)
+            row = self.query_one("SELECT id, username, sealed_successor, rotated_at, "
+                                 "refresh_hash FROM sessions WHERE previous_hash = ?",
+                                 (presented,))
+            if row is not None and now - row[3] < self.grace:
+                successor = b64url_encode(seal(row[2], refresh_token))
+                if hmac.compare_digest(refresh_token_hash(successor), row[4]):
+                    return Renewal(row[0], row[1], successor, int(row[3]))
+            row = self.query_one("SELECT session_id FROM spent WHERE hash = ?", (presented,))
+            if row is not None:
+                self.delete([row[0]])
+                return RefreshTokenReuseError(
+                    "refresh token already used: the session is revoked; log in again")
+            return RefreshTokenError("refresh token not recognised (revoked or never issued)")
+        outcome = self.transaction(work)
+        if isinstance(outcome, TokenError):
+            raise outcome             # raised after COMMIT, so the revocation stands
+        return outcome
+
+    def rotate(self, row, refresh_token, now):
+        """The current refresh token becomes spent; a new one takes its place."""
+        session_id, username, expires = row
+        if expires <= now:
+            self.delete([session_id])
+            return RefreshTokenError("refresh token expired; log in again")
+        successor = secrets.token_bytes(REFRESH_TOKEN_BYTES)
+        successor_token = b64url_encode(successor)
+        self.connection.execute(
+            "UPDATE sessions SET refresh_hash = ?, previous_hash = ?, sealed_successor = ?, "
+            "rotated_at = ?, last_used = ?, expires = ? WHERE id = ?",
+            (refresh_token_hash(successor_token), refresh_token_hash(refresh_token),
+             seal(successor, refresh_token), now, now, now + self.refresh_lifetime, session_id))
+        self.connection.execute("INSERT OR IGNORE INTO spent VALUES (?, ?)",
+                                (refresh_token_hash(refresh_token), session_id))
+        self.connection.execute(
+            "DELETE FROM spent WHERE session_id = ? AND rowid NOT IN (SELECT rowid FROM spent "
+            "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)", (session_id, session_id, SPENT_KEPT))
+        return Renewal(session_id, username, successor_token, int(now))
+
+    def end_by_token(self, refresh_token):
+        """Logout: end the session this refresh token (current, previous or spent) belongs
+        to. Returns how many sessions ended: 0 for a token already ended or never issued."""
+        presented = refresh_token_hash(refresh_token)
+
+        def work():
+            found = self.connection.execute(
+                "SELECT id FROM sessions WHERE refresh_hash = ? OR previous_hash = ? "
+                "UNION SELECT session_id FROM spent WHERE hash = ?",
+                (presented, presented, presented)).fetchall()
+            self.delete(row[0] for row in found)
+            return len(found)
+        return self.transaction(work)
+
+    def end_for_user(self, username, session_id=None):
+        """Revoke every session of a user, or one; how many ended."""
+        def work():
+            found = self.connection.execute(
+                "SELECT id FROM sessions WHERE username = ? AND (? IS NULL OR id = ?)",
+                (username, session_id, session_id)).fetchall()
+            self.delete(row[0] for row in found)
+            return len(found)
+        return self.transaction(work)
+
+    def sessions_of(self, username, now):
+        """A user's live sessions, oldest first, as the API shows them."""
+        with self.lock:
+            try:
+                rows = self.connection.execute(
+                    "SELECT id, created, last_used, expires, address, user_agent FROM sessions "
+                    "WHERE username = ? AND expires > ? ORDER BY created", (username, now)).fetchall()
+            except sqlite3.Error as error:
+                raise SessionStoreError(str(error)) from None
+        return [{"id": row[0], "created": int(row[1]), "lastUsed": int(row[2]),
+                 "expires": int(row[3]), "address": row[4], "userAgent": row[5]} for row in rows]
+
+
 # ---------------------------------------------------------------------------
 # 5. HTTP errors and the JSON responder
 # ---------------------------------------------------------------------------
@@ -810,6 +1139,15 @@ def token_refused(error):
                      body={"error": True, "name": error.name, "message": str(error)},
                      headers=(("WWW-Authenticate",
                                f'Bearer error="invalid_token", error_description="{description}"'),))
+
+
+def sessions_unavailable(sessions, error):
+    """503 when the sessions file fails: no token is issued, no revocation claimed."""
+    sessions.log(f"sessions file {sessions.path}: {error}")
+    message = "Sessions are unavailable right now; try again shortly"
+    return HTTPError(503, message,
+                     body={"error": True, "name": "SessionStoreError", "message": message},
+                     headers=(("Retry-After", "5"),))
 
 
 # Sent on every response, errors included: "*" is what the cors package sends by default,
@@ -885,9 +1223,25 @@ def require_token(request):
                               issuer=config["issuer"], audience=config["audience"])
         # Signed by us, but is its user still there (and did the token name a real one)?
         request.user = server.users.user_for(claims)
+        request.session_id = check_session(server.sessions, claims)
     except TokenError as error:
         raise token_refused(error) from None
     return None
+
+
+def check_session(sessions, claims):
+    """The token's session id, if it names one that is still live; None for a token without
+    one (made before sessions existed, or by the token command): verified as before."""
+    if "sid" not in claims:
+        return None
+    session_id = claims["sid"]
+    if not isinstance(session_id, str):
+        raise TokenError("invalid sid value")
+    try:
+        sessions.check_live(session_id)
+    except SessionStoreError as error:
+        raise sessions_unavailable(sessions, error) from None
+    return session_id
 
 
 def route(request):
@@ -918,8 +1272,8 @@ def run_middleware(request):
 # 7. Routes
 # ---------------------------------------------------------------------------
 
-def read_credentials(request):
-    """username and the base64 password from a JSON or form body."""
+def read_fields(request):
+    """The fields of a JSON or form body, as a dict."""
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     try:
         if content_type == "application/json":
@@ -931,6 +1285,12 @@ def read_credentials(request):
                                  "application/x-www-form-urlencoded")
     except ValueError as error:
         raise HTTPError(400, f"Malformed body: {error}") from None
+    return fields
+
+
+def read_credentials(request):
+    """username and the base64 password from a JSON or form body."""
+    fields = read_fields(request)
     username, password = fields.get("username"), fields.get("password")
     if username is None or password is None:
         raise HTTPError(400, "username and password are required")
@@ -973,11 +1333,95 @@ def authenticate(request):
     limiter.forget(user_key)                 # the user's count starts afresh ...
     limiter.release(address_key, now)        # ... and a right password is not held against
                                              # the others who share the address
+    # The session is saved before any token leaves: if the file fails, the answer is 503.
+    with session_errors(server.sessions):
+        session_id, refresh_token = server.sessions.start(
+            username, now, request.client_address[0], request.headers.get("user-agent", ""))
+    return token_pair(server, user.record, Renewal(session_id, username, refresh_token, int(now)))
+
+
+def token_pair(server, record, renewal):
+    """The login answer: the tutorial's token and expiresIn, plus the refresh token.
+
+    The access token's iat is the renewal's, so a refresh repeated within refreshGrace
+    gets byte for byte the same token.
+    """
     config = server.config
-    claims = make_claims(user.record, now, config["tokenLifetime"], config["issuer"],
-                         config["audience"])
+    claims = make_claims(record, renewal.issued_at, config["tokenLifetime"], config["issuer"],
+                         config["audience"], renewal.session_id)
     return Response(200, {"token": encode_token(claims, server.key),
-                          "expiresIn": config["tokenLifetime"]})
+                          "expiresIn": config["tokenLifetime"],
+                          "refreshToken": renewal.refresh_token,
+                          "refreshExpiresIn": config["refreshTokenLifetime"]})
+
+
+@contextlib.contextmanager
+def session_errors(sessions):
+    """with session_errors(store): a failing sessions file becomes a JSON 503."""
+    try:
+        yield sessions
+    except SessionStoreError as error:
+        raise sessions_unavailable(sessions, error) from None
+
+
+def read_refresh_token(request):
+    """refreshToken from a JSON or form body."""
+    token = read_fields(request).get("refreshToken")
+    if token is None:
+        raise HTTPError(400, "refreshToken is required")
+    if not isinstance(token, str) or not token:
+        raise HTTPError(400, "refreshToken must be a non-empty string")
+    return token
+
+
+def refresh_refused(error):
+    """401 for a refresh token that renews nothing, in the tutorial's error shape."""
+    return HTTPError(401, str(error), body={"error": True, "name": error.name,
+                                            "message": str(error)})
+
+
+def refresh(request):
+    """POST /users/refresh: a new access token and a new refresh token; the old one is spent."""
+    refresh_token = read_refresh_token(request)
+    server = request.server
+    if not REFRESH_TOKEN_SHAPE.fullmatch(refresh_token):
+        raise refresh_refused(RefreshTokenError("refresh token not recognised "
+                                                "(revoked or never issued)"))
+    try:
+        with session_errors(server.sessions):
+            renewal = server.sessions.renew(refresh_token, time.time())
+        user = server.users.find_by_name(renewal.username)[0]
+        if user is None:
+            with session_errors(server.sessions):
+                server.sessions.end_for_user(renewal.username)
+            raise RefreshTokenError("user not found")
+    except RefreshTokenError as error:
+        raise refresh_refused(error) from None
+    return token_pair(server, user.record, renewal)
+
+
+def logout(request):
+    """POST /users/logout: end the refresh token's session; 204 even if it had ended."""
+    refresh_token = read_refresh_token(request)
+    with session_errors(request.server.sessions) as sessions:
+        sessions.end_by_token(refresh_token)
+    return Response(204)
+
+
+def logout_all(request):
+    """POST /users/logoutAll: end every session of the token's user."""
+    with session_errors(request.server.sessions) as sessions:
+        sessions.end_for_user(request.user.record["username"])
+    return Response(204)
+
+
+def list_sessions(request):
+    """GET /users/sessions: the user's live sessions, the one asking marked current."""
+    with session_errors(request.server.sessions) as sessions:
+        found = sessions.sessions_of(request.user.record["username"], time.time())
+    for session in found:
+        session["current"] = session["id"] == request.session_id
+    return Response(200, {"sessions": found})
 
 
 def get_info(request):
@@ -1004,10 +1448,15 @@ def serve_page(request):
 ROUTES = {
     ("POST", "/users/authenticate"): authenticate,
     ("GET", "/users/getInfo"): get_info,
+    ("POST", "/users/refresh"): refresh,
+    ("POST", "/users/logout"): logout,
+    ("POST", "/users/logoutAll"): logout_all,
+    ("GET", "/users/sessions"): list_sessions,
     ("GET", "/"): serve_page,
 }
-# As in the tutorial, authentication runs before routing; only these paths skip it.
-PUBLIC_PATHS = {"/users/authenticate", "/"}
+# As in the tutorial, authentication runs before routing; only these paths skip it. A
+# refresh token is its own credential: refresh and logout work after the access token expired.
+PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/"}
 
 
 def allowed_methods(path):
@@ -1354,6 +1803,7 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
             remove_stale_temporaries(users.path)    # left by a writer that was killed
     except OSError:
         pass                # a read-only folder: then nobody can have left anything there
+    sessions = open_sessions(config)
     host = config["host"] if host is None else host
     port = config["port"] if port is None else checked_number(port, "port", "--port")
     try:
@@ -1361,7 +1811,16 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     except OSError as error:
         raise ConfigError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
     users.log = server.log          # reloads are worth a line in the server's log
+    server.sessions = sessions
+    sessions.log = server.log
     return server
+
+
+def open_sessions(config):
+    """The SessionStore in sessionsFile, beside the config file; ConfigError if unusable."""
+    return SessionStore(config["path"].parent / config["sessionsFile"],
+                        config["refreshTokenLifetime"], config["maxSessionsPerUser"],
+                        config["refreshGrace"])
 
 
 def make_tls_context(cert_file, key_file):

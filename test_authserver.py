@@ -492,10 +492,10 @@ class TestAPI(unittest.TestCase):
     def test_login_with_json(self):
         status, response, body = self.login()
         self.assertEqual(status, 200)
-        self.assertEqual(set(body), {"token", "expiresIn"})
+        self.assertEqual(set(body), {"token", "expiresIn", "refreshToken", "refreshExpiresIn"})
         self.assertEqual(body["expiresIn"], 3600)
         claims = decode_token(body["token"], SECRET)
-        self.assertEqual(set(claims), {"id", "username", "iat", "exp"})
+        self.assertEqual(set(claims), {"id", "username", "iat", "exp", "sid"})
         self.assertEqual((claims["id"], claims["username"]), (81623, "test"))
         self.assertEqual(claims["exp"] - claims["iat"], 3600)
         self.assertEqual(response.getheader("Content-Type"), "application/json; charset=utf-8")
