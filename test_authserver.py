@@ -807,7 +807,7 @@ class TestHostileHTTP(unittest.TestCase):
             self.assertEqual(read_response(sock)[0], 200)
 
     def test_unexpected_exception_is_a_json_500_and_the_server_lives(self):
-        with mock.patch.dict(authserver.ROUTES, {("GET", "/"): lambda request: 1 / 0}):
+        with mock.patch.dict(self.server.routes, {("GET", "/"): lambda request: 1 / 0}):
             status, _, body = raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual((status, json.loads(body)), (500, {"message": "Internal Server Error"}))
         self.assertIn("ZeroDivisionError", self.server.test_log.getvalue())
