@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from pathlib import Path
 from unittest import mock
 
@@ -1423,6 +1424,284 @@ class TestUsersFileWriters(unittest.TestCase):
         self.assertEqual(len(keys), 8)
         self.assertEqual(len(set(keys)), 1)
         self.assertEqual((files.folder / "authserver.secret").read_bytes().strip(), keys[0])
+
+
+
+# ---------------------------------------------------------------------------
+# Sign-up: POST /users/register
+# ---------------------------------------------------------------------------
+
+class ClassScope:
+    """Lets Files and start_server, which clean up after a test, serve a whole class."""
+
+    def __init__(self, cls):
+        self.addCleanup = cls.addClassCleanup
+
+
+def exchange(server, method, path, body=None, headers=None, content_type="application/json"):
+    """One request on a new connection: (status, headers with lower-case names, raw body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if body is not None:
+            headers = {"Content-Type": content_type, **(headers or {})}
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, data
+    finally:
+        connection.close()
+
+
+def signup_body(username, password="correct horse", **fields):
+    return {"username": username, "password": b64(password), **fields}
+
+
+class TestSignup(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.shipped_users = (HERE / "users.json").read_bytes()
+        cls.files = Files(ClassScope(cls), allowRegistration=True, addressLoginAttempts=1000,
+                          passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(ClassScope(cls), cls.files)
+
+    @classmethod
+    def tearDownClass(cls):
+        assert (HERE / "users.json").read_bytes() == cls.shipped_users, "shipped users.json changed"
+
+    def register(self, body, server=None, **options):
+        status, headers, data = exchange(server or self.server, "POST", "/users/register",
+                                         body, **options)
+        return status, headers, json.loads(data) if data else None
+
+    def stored(self, username, files=None):
+        users = json.loads((files or self.files).users.read_text(encoding="utf-8"))
+        return [user for user in users if user["username"] == username]
+
+    def test_201_with_the_public_record_then_login_and_getinfo_at_once(self):
+        status, headers, body = self.register(signup_body("zoë", firstName="Zoë", phone="555"))
+        self.assertEqual(status, 201, body)
+        self.assertEqual(list(body), ["id", "username", "firstName", "phone"])
+        self.assertEqual({**body, "id": 0}, {"id": 0, "username": "zoë", "firstName": "Zoë",
+                                             "phone": "555"})
+        self.assertIs(type(body["id"]), int)
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        [record] = self.stored("zoë")
+        self.assertEqual(record["id"], body["id"])
+        self.assertTrue(record["passwordHash"].startswith(f"pbkdf2_sha256${FAST_ITERATIONS}$"))
+        self.assertTrue(verify_password("correct horse", record["passwordHash"]))
+        # The store re-reads the file at most once a second; the new user is there at once.
+        status, _, login = exchange(self.server, "POST", "/users/authenticate",
+                                    login_body("zoë", "correct horse"))
+        self.assertEqual(status, 200, login)
+        token = json.loads(login)["token"]
+        status, _, info = exchange(self.server, "GET", "/users/getInfo",
+                                   headers={"Authorization": f"Bearer {token}"})
+        self.assertEqual((status, json.loads(info)), (200, body))
+
+    def test_form_body_like_login(self):
+        form = urllib.parse.urlencode({"username": "formuser", "password": b64("form body ok"),
+                                       "lastName": "Form"})
+        status, _, body = self.register(form, content_type="application/x-www-form-urlencoded")
+        self.assertEqual((status, body["username"], body["lastName"]), (201, "formuser", "Form"))
+
+    def test_taken_is_409_also_when_the_server_has_not_seen_the_file_change(self):
+        expected = {"error": True, "name": "UsernameTakenError",
+                    "message": "username 'test' is taken"}
+        self.assertEqual(self.register(signup_body("test"))[::2], (409, expected))
+        self.assertEqual(self.register(signup_body("twice"))[0], 201)
+        self.assertEqual(self.register(signup_body("twice", "another password"))[0], 409)
+        # Another process (adduser) adds a name; the server's copy is up to a second old,
+        # so the locked write is what finds it taken.
+        self.server.users.next_check = time.monotonic() + 3600
+        self.addCleanup(setattr, self.server.users, "next_check", 0.0)
+        authserver.add_user_record(self.files.users, "fromcli", hash_password("x", 1000), {})
+        status, _, body = self.register(signup_body("fromcli"))
+        self.assertEqual((status, body["name"]), (409, "UsernameTakenError"))
+        self.assertEqual(len(self.stored("fromcli")), 1)
+
+    def test_password_rules(self):
+        """NIST SP 800-63B: length in characters, a few common ones refused, nothing else."""
+        table = [
+            ("seven77", "password must be at least 8 characters"),
+            ("ü" * 7, "password must be at least 8 characters"),     # 14 bytes, 7 characters
+            ("x" * 257, "password must be at most 256 characters"),
+            ("Password1", "password is one of the most common passwords; choose another"),
+            ("12345678", "password is one of the most common passwords; choose another"),
+            ("PW-rules-user", "password must not be the username"),
+        ]
+        for password, message in table:
+            with self.subTest(password=password[:20]):
+                status, _, body = self.register(signup_body("pw-rules-user", password))
+                self.assertEqual((status, body), (400, {"error": True, "name": "ValidationError",
+                                                        "message": message}))
+        not_base64 = {"username": "pw-rules-user", "password": "not base64!"}
+        self.assertEqual(self.register(not_base64)[2]["message"],
+                         "password must be base64, as for login")
+        self.assertEqual(self.stored("pw-rules-user"), [])
+        # No composition rules: any 8 characters, all one letter or all non-ASCII, will do.
+        for number, password in enumerate(["aaaaaaaa", "ü" * 8, "x" * 256, "tr0ub4d&"]):
+            with self.subTest(password=password[:20]):
+                self.assertEqual(self.register(signup_body(f"pw-ok-{number}", password))[0], 201)
+                self.assertEqual(exchange(self.server, "POST", "/users/authenticate",
+                                          login_body(f"pw-ok-{number}", password))[0], 200)
+
+    def test_username_rules(self):
+        table = ["", " lead", "with space", "tab\there", "bell\x07", "zero\u200bwidth",
+                 "no\u00a0break", "line\u2028sep", "x" * 65]
+        for username in table:
+            with self.subTest(username=username):
+                status, _, body = self.register(signup_body(username))
+                self.assertEqual((status, body["name"]), (400, "ValidationError"))
+        self.assertEqual(self.register(signup_body("nul\x00"))[::2],
+                         (400, {"message": "username and password must not contain NUL characters"}))
+        for username in ["y" * 64, "名前", "café-au-lait", "o'brien"]:
+            with self.subTest(username=username):
+                self.assertEqual(self.register(signup_body(username))[0], 201)
+
+    def test_check_username_messages(self):
+        for name, message in [("", "username must be a non-empty string"),
+                              (None, "username must be a non-empty string"),
+                              ("a" * 65, "username must be at most 64 characters"),
+                              ("a b", "username must not contain spaces or control characters"),
+                              ("a\x1bb", "username must not contain spaces or control characters")]:
+            with self.subTest(name=name), self.assertRaises(ValueError) as caught:
+                authserver.check_username(name)
+            self.assertEqual(str(caught.exception), message)
+        self.assertIsNone(authserver.check_username("Ünïcødé"))
+
+    def test_wrong_types_and_fields_are_400(self):
+        table = [
+            ({"username": 5, "password": b64("correct horse")}, "username and password must be strings"),
+            ({"username": "types", "password": ["x"]}, "username and password must be strings"),
+            ({"username": "types"}, "username and password are required"),
+            (signup_body("types", age=30), "age must be text of at most 200 printable characters"),
+            (signup_body("types", tags=["a"]), "tags must be text of at most 200 printable characters"),
+            (signup_body("types", address={"city": "x"}),
+             "address must be text of at most 200 printable characters"),
+            (signup_body("types", note="x" * 201), "note must be text of at most 200 printable characters"),
+            (signup_body("types", note="two\nlines"), "note must be text of at most 200 printable characters"),
+            (signup_body("types", id="1"), "field 'id' is not accepted: profile fields are named like "
+                                           "firstName, and id and password fields are the server's"),
+            (signup_body("types", passwordHash="pbkdf2_sha256$1$a$b"), "field 'passwordHash' is not "
+             "accepted: profile fields are named like firstName, and id and password fields are the "
+             "server's"),
+            (signup_body("types", **{"first name": "x"}), "field 'first name' is not accepted: profile "
+             "fields are named like firstName, and id and password fields are the server's"),
+            (signup_body("types", **{f"f{n}": "x" for n in range(11)}), "at most 10 profile fields"),
+        ]
+        for body, message in table:
+            with self.subTest(body=body):
+                status, _, answer = self.register(body)
+                self.assertEqual(status, 400)
+                self.assertEqual(answer["message"], message)
+        self.assertEqual(self.register([1, 2])[::2], (400, {"message": "Malformed body: not a JSON object"}))
+        self.assertEqual(self.register("{", content_type="application/json")[0], 400)
+        self.assertEqual(self.register("x", content_type="text/plain")[0], 415)
+        self.assertEqual(self.stored("types"), [])
+        ten = signup_body("types", **{f"f{n}": "x" * 200 for n in range(10)})
+        self.assertEqual(self.register(ten)[0], 201)
+
+    def test_twenty_at_once_all_land(self):
+        barrier = threading.Barrier(20)
+        results = {}
+
+        def sign_up(number):
+            barrier.wait(timeout=30)
+            results[number] = self.register(signup_body(f"crowd{number}", f"crowd password {number}"))[0]
+        threads = [threading.Thread(target=sign_up, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(results, {n: 201 for n in range(20)})
+        users = json.loads(self.files.users.read_text(encoding="utf-8"))
+        crowd = [user for user in users if user["username"].startswith("crowd")]
+        self.assertEqual(sorted(user["username"] for user in crowd), sorted(f"crowd{n}" for n in range(20)))
+        self.assertEqual(len({user["id"] for user in users}), len(users))
+        for number in range(20):            # each one in the server's tables already
+            self.assertIsNotNone(self.server.users.tables[0].get(f"crowd{number}"))
+
+    def test_same_name_at_once_exactly_one_wins(self):
+        barrier = threading.Barrier(10)
+        statuses = []
+
+        def sign_up(number):
+            barrier.wait(timeout=30)
+            statuses.append(self.register(signup_body("contested", f"password number {number}"))[0])
+        threads = [threading.Thread(target=sign_up, args=(n,)) for n in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(sorted(statuses), [201] + [409] * 9)
+        self.assertEqual(len(self.stored("contested")), 1)
+
+    def test_off_by_default_it_is_an_unknown_path(self):
+        server = start_server(self)             # no allowRegistration in its config
+        before = server.users.path.read_bytes()
+        token = {"Authorization": f"Bearer {token_for()}"}
+        for method, body, headers in [("POST", signup_body("ghost"), None),
+                                      ("POST", signup_body("ghost"), token),
+                                      ("GET", None, token), ("OPTIONS", None, None)]:
+            with self.subTest(method=method, token=bool(headers)):
+                off = exchange(server, method, "/users/register", body, headers)
+                unknown = exchange(server, method, "/users/nosuchroute", body, headers)
+                self.assertEqual(off[0], unknown[0])
+                self.assertEqual(off[2].replace(b"/users/register", b"/users/nosuchroute"), unknown[2])
+                for name in ("allow", "www-authenticate", "content-type"):
+                    self.assertEqual(off[1].get(name), unknown[1].get(name))
+        self.assertEqual(exchange(server, "POST", "/users/register", signup_body("ghost"))[0], 403)
+        self.assertEqual(exchange(server, "POST", "/users/register", signup_body("ghost"), token)[:1],
+                         (404,))
+        self.assertEqual(server.users.path.read_bytes(), before)
+        document = json.loads(exchange(server, "GET", "/openapi.json")[2])
+        self.assertNotIn("/users/register", document["paths"])
+        # On, it is a route like the others: public, POST only.
+        self.assertEqual(exchange(self.server, "OPTIONS", "/users/register")[1]["allow"], "POST, OPTIONS")
+        self.assertEqual(exchange(self.server, "GET", "/users/register")[:2][0], 405)
+
+    def test_allow_registration_must_be_a_boolean(self):
+        for value in ("yes", 1, None):
+            files = Files(self, allowRegistration=value)
+            with self.subTest(value=value), self.assertRaises(authserver.ConfigError) as caught:
+                authserver.load_config(files.config)
+            self.assertEqual(str(caught.exception),
+                             f"config file {files.config}: allowRegistration must be true or false")
+
+    def test_every_attempt_counts_against_the_address(self):
+        files = Files(self, allowRegistration=True, addressLoginAttempts=3,
+                      passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        self.assertEqual(self.register(signup_body("probe1"), server)[0], 201)
+        self.assertEqual(self.register(signup_body("test"), server)[0], 409)       # a probe
+        self.assertEqual(self.register(signup_body("bad name"), server)[0], 400)
+        status, headers, body = self.register(signup_body("probe2"), server)
+        self.assertEqual(status, 429)
+        self.assertTrue(1 <= int(headers["retry-after"]) <= 60, headers)
+        self.assertEqual(body, {"message": f"Too many attempts from this address; try again in "
+                                           f"{headers['retry-after']} seconds"})
+        self.assertEqual(self.stored("probe2", files), [])
+        # The budget is the address's, shared with logins: probing by login is no way round.
+        self.assertEqual(exchange(server, "POST", "/users/authenticate", login_body())[0], 429)
+
+    def test_a_users_file_that_cannot_be_written_is_503_and_left_as_it_was(self):
+        files = Files(self, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        expected = {"error": True, "name": "UsersFileError",
+                    "message": "Sign-up is unavailable right now; try again shortly"}
+        with mock.patch("os.fsync", side_effect=OSError(28, "No space left on device")):
+            status, headers, body = self.register(signup_body("diskfull"), server)
+        self.assertEqual((status, headers["retry-after"], body), (503, "5", expected))
+        self.assertEqual(self.stored("diskfull", files), [])
+        self.assertEqual(sorted(path.name for path in files.folder.glob(".users.json.*")), [])
+        files.users.write_text("[{broken")
+        status, _, body = self.register(signup_body("broken"), server)
+        self.assertEqual((status, body), (503, expected))
+        self.assertEqual(files.users.read_text(), "[{broken")
+        self.assertIn("sign-up of 'broken' not saved", server.test_log.getvalue())
 
 
 if __name__ == "__main__":
