@@ -1639,6 +1639,49 @@ class TestSignup(unittest.TestCase):
         self.assertEqual(sorted(statuses), [201] + [409] * 9)
         self.assertEqual(len(self.stored("contested")), 1)
 
+    def test_a_slow_older_reload_cannot_undo_a_newer_one(self):
+        """Sign-up reloads after its write; a reload that read the file before must not win."""
+        files = Files(self)
+        store = authserver.UserStore(files.users)
+        has_read, go, waiting = threading.Event(), threading.Event(), threading.Event()
+        original_read = store.read
+
+        def read():                             # the older reload stops after reading
+            tables = original_read()
+            if threading.current_thread() is older:
+                has_read.set()
+                go.wait(timeout=30)
+            return tables
+        store.read = read
+
+        class Watched:                          # says when the newer reload waits its turn
+            def __init__(self, lock):
+                self.lock = lock
+
+            def __enter__(self):
+                if threading.current_thread() is newer:
+                    waiting.set()
+                return self.lock.__enter__()
+
+            def __exit__(self, *exc_info):
+                return self.lock.__exit__(*exc_info)
+        store.reloading = Watched(store.reloading)
+        authserver.save_users(files.users, TEST_USERS[:1])
+        older = threading.Thread(target=store.refresh, kwargs={"force": True})
+        newer = threading.Thread(target=store.refresh, kwargs={"force": True})
+        older.start()
+        self.assertTrue(has_read.wait(timeout=30))
+        deadline = time.monotonic() + 30
+        authserver.save_users(files.users, TEST_USERS[:1] + [make_user(9, "late", "x")])
+        newer.start()
+        while not (waiting.is_set() or not newer.is_alive()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        go.set()
+        older.join(timeout=30)
+        newer.join(timeout=30)
+        self.assertIn("late", store.tables[0])
+
     def test_off_by_default_it_is_an_unknown_path(self):
         server = start_server(self)             # no allowRegistration in its config
         before = server.users.path.read_bytes()
@@ -1702,6 +1745,270 @@ class TestSignup(unittest.TestCase):
         self.assertEqual((status, body), (503, expected))
         self.assertEqual(files.users.read_text(), "[{broken")
         self.assertIn("sign-up of 'broken' not saved", server.test_log.getvalue())
+
+
+
+# ---------------------------------------------------------------------------
+# GET /openapi.json: a document that is true of the live server
+# ---------------------------------------------------------------------------
+
+JSON_TYPES = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: type(v) is int, "null": lambda v: v is None,
+              "number": lambda v: type(v) in (int, float)}
+# The JSON Schema keywords the checker understands; any other in a response schema is an
+# error, so the document cannot promise what no test checks.
+SCHEMA_KEYWORDS = {"$ref", "type", "required", "properties", "enum", "items", "description"}
+
+
+def schema_errors(schema, value, document, where="body"):
+    """What in value breaks schema (a subset of JSON Schema): a list of texts, [] if none."""
+    unknown = set(schema) - SCHEMA_KEYWORDS
+    if unknown:
+        raise AssertionError(f"{where}: the checker does not know {sorted(unknown)}")
+    if "$ref" in schema:
+        target = document
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return schema_errors(target, value, document, where)
+    if "type" in schema:
+        types = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+        if not any(JSON_TYPES[name](value) for name in types):
+            return [f"{where}: {value!r} is not of type {schema['type']}"]
+    errors = []
+    if "enum" in schema and not any(type(value) is type(option) and value == option
+                                    for option in schema["enum"]):
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, dict):
+        errors += [f"{where}: {name!r} is missing" for name in schema.get("required", ())
+                   if name not in value]
+        for name, subschema in schema.get("properties", {}).items():
+            if name in value:
+                errors += schema_errors(subschema, value[name], document, f"{where}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            errors += schema_errors(schema["items"], item, document, f"{where}[{index}]")
+    return errors
+
+
+def documented_pairs(document):
+    """Every (method, path, status) the document says the server answers."""
+    return {(method.upper(), path, int(status))
+            for path, operations in document["paths"].items()
+            for method, operation in operations.items()
+            for status in operation["responses"]}
+
+
+class TestOpenAPISchemaChecker(unittest.TestCase):
+    """The checker the walk relies on must itself find what is wrong."""
+
+    DOCUMENT = {"components": {"schemas": {"Point": {
+        "type": "object", "required": ["x", "tag"],
+        "properties": {"x": {"type": "integer"}, "tag": {"enum": ["a", True]},
+                       "list": {"type": "array", "items": {"type": ["string", "null"]}}}}}}}
+
+    def test_table(self):
+        point = {"$ref": "#/components/schemas/Point"}
+        table = [({"x": 1, "tag": "a"}, 0), ({"x": 1, "tag": True, "list": ["s", None]}, 0),
+                 ({"x": True, "tag": "a"}, 1), ({"x": 1.0, "tag": "a"}, 1), ({"tag": "a"}, 1),
+                 ({"x": 1, "tag": 1}, 1), ({"x": 1, "tag": "b"}, 1), ([], 1), ("x", 1),
+                 ({"x": 1, "tag": "a", "list": [1, "s", {}]}, 2), ({}, 2)]
+        for value, count in table:
+            with self.subTest(value=value):
+                self.assertEqual(len(schema_errors(point, value, self.DOCUMENT)), count)
+
+    def test_unknown_keywords_are_refused(self):
+        with self.assertRaises(AssertionError):
+            schema_errors({"type": "string", "maxLength": 3}, "abcd", {})
+
+
+class TestOpenAPI(unittest.TestCase):
+    """The document lists every route, and a walk through the live server proves each answer."""
+
+    @classmethod
+    def setUpClass(cls):
+        scope = ClassScope(cls)
+        cls.files = Files(scope, allowRegistration=True, loginAttempts=2,
+                          addressLoginAttempts=1000, passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(scope, cls.files)
+        cls.limited = start_server(scope, Files(scope, allowRegistration=True,
+                                                addressLoginAttempts=1,
+                                                passwordIterations=FAST_ITERATIONS))
+        # A server whose files have failed: its sessions database closed under it, its
+        # users.json no longer JSON (it keeps the users it had loaded).
+        cls.broken_files = Files(scope, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
+        cls.broken = start_server(scope, cls.broken_files)
+        cls.broken.sessions.close()
+        cls.broken_files.users.write_text("[{broken")
+        status, headers, data = exchange(cls.server, "GET", "/openapi.json")
+        assert status == 200, data
+        cls.document = json.loads(data)
+
+    # -- the walk: one way to make the server give each documented answer ---------------
+
+    def call(self, method, path, body=None, headers=None, server=None, **options):
+        return exchange(server or self.server, method, path, body, headers, **options)
+
+    def login(self, username="test", password="test"):
+        return json.loads(self.call("POST", "/users/authenticate", login_body(username, password))[2])
+
+    def bearer(self):
+        return {"Authorization": f"Bearer {self.login()['token']}"}
+
+    def without_length(self, method, path):
+        return raw_exchange(self.server, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    def too_large(self, method, path):
+        length = self.server.config["maxBodyBytes"] + 1
+        return raw_exchange(self.server, f"{method} {path} HTTP/1.1\r\nContent-Length: "
+                                         f"{length}\r\n\r\n".encode())
+
+    def text_body(self, method, path):
+        return self.call(method, path, "hello", content_type="text/plain")
+
+    def locked_out(self):
+        for _ in range(2):
+            self.call("POST", "/users/authenticate", login_body("ncuser", "wrong"))
+        return self.call("POST", "/users/authenticate", login_body("ncuser", "wrong"))
+
+    def without_page(self):
+        page, self.server.page = self.server.page, None
+        try:
+            return self.call("GET", "/")
+        finally:
+            self.server.page = page
+
+    def register_twice(self, server):
+        self.call("POST", "/users/register", signup_body("walker"), server=server)
+        return self.call("POST", "/users/register", signup_body("walker"), server=server)
+
+    # A token whose session this server has never seen: asking about it reads the file.
+    UNSEEN = {"x-access-token": token_for(sid="never-seen-session")}
+    WALK = {
+        ("POST", "/users/authenticate", 200): lambda t: t.call("POST", "/users/authenticate", login_body()),
+        ("POST", "/users/authenticate", 400): lambda t: t.call("POST", "/users/authenticate",
+                                                               login_body("test", "wrong")),
+        ("POST", "/users/authenticate", 429): lambda t: t.locked_out(),
+        ("POST", "/users/authenticate", 503): lambda t: t.call("POST", "/users/authenticate",
+                                                               login_body(), server=t.broken),
+        ("GET", "/users/getInfo", 200): lambda t: t.call("GET", "/users/getInfo", headers=t.bearer()),
+        ("GET", "/users/getInfo", 401): lambda t: t.call("GET", "/users/getInfo",
+                                                         headers={"x-access-token": token_for()[:-2]}),
+        ("GET", "/users/getInfo", 403): lambda t: t.call("GET", "/users/getInfo"),
+        ("GET", "/users/getInfo", 503): lambda t: t.call("GET", "/users/getInfo", headers=t.UNSEEN,
+                                                         server=t.broken),
+        ("POST", "/users/refresh", 200): lambda t: t.call(
+            "POST", "/users/refresh", {"refreshToken": t.login()["refreshToken"]}),
+        ("POST", "/users/refresh", 400): lambda t: t.call("POST", "/users/refresh", {}),
+        ("POST", "/users/refresh", 401): lambda t: t.call("POST", "/users/refresh",
+                                                          {"refreshToken": "A" * 43}),
+        ("POST", "/users/refresh", 503): lambda t: t.call("POST", "/users/refresh",
+                                                          {"refreshToken": "A" * 43}, server=t.broken),
+        ("POST", "/users/logout", 204): lambda t: t.call(
+            "POST", "/users/logout", {"refreshToken": t.login()["refreshToken"]}),
+        ("POST", "/users/logout", 400): lambda t: t.call("POST", "/users/logout", {"refreshToken": 1}),
+        ("POST", "/users/logout", 503): lambda t: t.call("POST", "/users/logout",
+                                                         {"refreshToken": "A" * 43}, server=t.broken),
+        ("POST", "/users/logoutAll", 204): lambda t: t.call("POST", "/users/logoutAll", b"",
+                                                            headers=t.bearer()),
+        ("POST", "/users/logoutAll", 401): lambda t: t.call("POST", "/users/logoutAll", b"",
+                                                            headers={"x-access-token": "x.y.z"}),
+        ("POST", "/users/logoutAll", 403): lambda t: t.call("POST", "/users/logoutAll", b""),
+        ("POST", "/users/logoutAll", 503): lambda t: t.call("POST", "/users/logoutAll", b"",
+                                                            headers=t.UNSEEN, server=t.broken),
+        ("GET", "/users/sessions", 200): lambda t: t.call("GET", "/users/sessions", headers=t.bearer()),
+        ("GET", "/users/sessions", 401): lambda t: t.call(
+            "GET", "/users/sessions", headers={"Authorization": f"Bearer {token_for(lifetime=-10)}"}),
+        ("GET", "/users/sessions", 403): lambda t: t.call("GET", "/users/sessions"),
+        ("GET", "/users/sessions", 503): lambda t: t.call("GET", "/users/sessions", headers=t.UNSEEN,
+                                                          server=t.broken),
+        ("POST", "/users/register", 201): lambda t: t.call("POST", "/users/register",
+                                                           signup_body("walk-new", firstName="W")),
+        ("POST", "/users/register", 400): lambda t: t.call("POST", "/users/register",
+                                                           signup_body("walk bad")),
+        ("POST", "/users/register", 409): lambda t: t.call("POST", "/users/register",
+                                                           signup_body("test")),
+        ("POST", "/users/register", 429): lambda t: t.register_twice(t.limited),
+        ("POST", "/users/register", 503): lambda t: t.call("POST", "/users/register",
+                                                           signup_body("walk-503"), server=t.broken),
+        ("GET", "/openapi.json", 200): lambda t: t.call("GET", "/openapi.json"),
+        ("GET", "/", 200): lambda t: t.call("GET", "/"),
+        ("GET", "/", 404): lambda t: t.without_page(),
+    }
+    # Every POST answers 411 and 413, every POST with a body 415, the same way.
+    for _path in ("/users/authenticate", "/users/refresh", "/users/logout", "/users/logoutAll",
+                  "/users/register"):
+        WALK[("POST", _path, 411)] = lambda t, path=_path: t.without_length("POST", path)
+        WALK[("POST", _path, 413)] = lambda t, path=_path: t.too_large("POST", path)
+        if _path != "/users/logoutAll":
+            WALK[("POST", _path, 415)] = lambda t, path=_path: t.text_body("POST", path)
+    del _path
+
+    def test_every_documented_answer_is_walked_and_every_walk_documented(self):
+        self.assertEqual(sorted(documented_pairs(self.document)), sorted(self.WALK))
+
+    def test_walk_the_live_server_through_every_documented_answer(self):
+        for (method, path, status), make in sorted(self.WALK.items()):
+            with self.subTest(method=method, path=path, status=status):
+                got, headers, data = make(self)
+                self.assertEqual(got, status, data[:300])
+                documented = self.document["paths"][path][method.lower()]["responses"][str(status)]
+                self.assertEqual(headers.get("access-control-allow-origin"), "*")
+                for name in documented.get("headers", {}):
+                    self.assertIn(name.lower(), headers)
+                if "content" not in documented:
+                    self.assertEqual(data, b"")
+                    continue
+                [(media_type, media)] = documented["content"].items()
+                self.assertEqual(headers["content-type"].partition(";")[0], media_type)
+                value = (json.loads(data) if media_type == "application/json"
+                         else data.decode("utf-8"))
+                self.assertEqual(schema_errors(media["schema"], value, self.document), [])
+
+    def test_every_route_is_documented(self):
+        self.assertEqual(set(authserver.ROUTE_DOCS), set(authserver.ROUTES))
+        served = {(method.upper(), path) for path, operations in self.document["paths"].items()
+                  for method in operations}
+        self.assertEqual(served, set(authserver.ROUTES))
+        # A route added to ROUTES without its documentation breaks the document.
+        with mock.patch.dict(authserver.ROUTES, {("GET", "/new"): authserver.get_info}), \
+                self.assertRaises(KeyError):
+            authserver.openapi_document(authserver.ROUTES, "/")
+
+    def test_document(self):
+        status, headers, data = self.call("GET", "/openapi.json", headers={"Host": "example.test:4000"})
+        document = json.loads(data)
+        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        self.assertEqual(document["servers"], [{"url": "http://example.test:4000"}])
+        self.assertEqual(self.document["servers"],
+                         [{"url": f"http://127.0.0.1:{self.server.server_address[1]}"}])
+        odd = raw_exchange(self.server, b"GET /openapi.json HTTP/1.1\r\nHost: a/b\"c\r\n\r\n")
+        self.assertEqual(json.loads(odd[2])["servers"], [{"url": "/"}])
+        self.assertEqual(document["components"]["securitySchemes"], {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                       "description": "Authorization: Bearer <token>"},
+            "accessToken": {"type": "apiKey", "in": "header", "name": "x-access-token",
+                            "description": "the tutorial's header: x-access-token: <token>"}})
+        paths = document["paths"]
+        self.assertEqual(paths["/users/getInfo"]["get"]["security"],
+                         [{"bearer": []}, {"accessToken": []}])
+        self.assertEqual(paths["/users/authenticate"]["post"]["security"], [])
+        self.assertEqual(paths["/users/getInfo"]["get"]["operationId"], "getInfo")
+        self.assertEqual(set(paths["/users/authenticate"]["post"]["requestBody"]["content"]),
+                         {"application/json", "application/x-www-form-urlencoded"})
+        # Every $ref points at something.
+        def refs(node):
+            if isinstance(node, dict):
+                yield from ([node["$ref"]] if "$ref" in node else [])
+                for child in node.values():
+                    yield from refs(child)
+            elif isinstance(node, list):
+                for child in node:
+                    yield from refs(child)
+        for reference in set(refs(document)):
+            target = document
+            for part in reference.lstrip("#/").split("/"):
+                target = target[part]
 
 
 if __name__ == "__main__":
