@@ -1212,6 +1212,12 @@ class HTTPError(Exception):
                                  headers)
 
 
+def named_error(status, name, message, headers=()):
+    """An HTTPError in the tutorial's {"error": true, "name", "message"} shape."""
+    return HTTPError(status, message, body={"error": True, "name": name, "message": message},
+                     headers=headers)
+
+
 def token_refused(error):
     """401 for a token that failed verification, in the tutorial's shape and RFC 6750's."""
     description = error.args[0].replace('"', "'")
@@ -1535,10 +1541,8 @@ def register(request):
         raise username_taken(username) from None
     except (ConfigError, OSError) as error:
         server.log(f"sign-up of {username!r} not saved: {error}")
-        message = "Sign-up is unavailable right now; try again shortly"
-        raise HTTPError(503, message, body={"error": True, "name": "UsersFileError",
-                                            "message": message},
-                        headers=(("Retry-After", "5"),)) from None
+        raise named_error(503, "UsersFileError", "Sign-up is unavailable right now; "
+                          "try again shortly", headers=(("Retry-After", "5"),)) from None
     server.users.refresh(force=True)    # the new user can log in with the next request
     return Response(201, public_record(record))
 
@@ -1557,16 +1561,13 @@ def read_registration(request):
         check_new_password(password, username)
         check_profile(profile)
     except ValueError as error:
-        raise HTTPError(400, str(error), body={"error": True, "name": "ValidationError",
-                                               "message": str(error)}) from None
+        raise named_error(400, "ValidationError", str(error)) from None
     return username, password, profile
 
 
 def username_taken(username):
     """409 for a username users.json already has."""
-    message = f"username {username!r} is taken"
-    return HTTPError(409, message, body={"error": True, "name": "UsernameTakenError",
-                                         "message": message})
+    return named_error(409, "UsernameTakenError", f"username {username!r} is taken")
 
 
 # The page may talk to this server only, and may not be framed by another site: even a
