@@ -1646,6 +1646,8 @@ def ref(kind, name):
 
 
 BASE64_TEXT = {"type": "string", "contentEncoding": "base64"}
+# The tutorial's profile fields, named so that generated clients have them; others may come.
+PROFILE_TEXT = {name: {"type": "string"} for name in ("firstName", "lastName", "phone")}
 TIMESTAMP = {"type": "integer", "description": "seconds since 1970-01-01 UTC"}
 OPENAPI_SCHEMAS = {
     "Credentials": {
@@ -1661,7 +1663,8 @@ OPENAPI_SCHEMAS = {
             "password": {**BASE64_TEXT, "description":
                          f"base64, as for login, of {MIN_PASSWORD_CHARS} to "
                          f"{MAX_PASSWORD_CHARS} characters; not one of the most common "
-                         f"passwords, not the username; no other rules (NIST SP 800-63B)"}},
+                         f"passwords, not the username; no other rules (NIST SP 800-63B)"},
+            **PROFILE_TEXT},
         "additionalProperties": {"type": "string", "maxLength": MAX_PROFILE_CHARS,
                                  "description": "profile fields named like firstName; none "
                                  "named id or containing password"},
@@ -1679,7 +1682,8 @@ OPENAPI_SCHEMAS = {
             "refreshExpiresIn": {"type": "integer", "description": "its lifetime in seconds"}}},
     "User": {
         "type": "object", "required": ["id", "username"],
-        "properties": {"id": {"type": ["integer", "string"]}, "username": {"type": "string"}},
+        "properties": {"id": {"type": ["integer", "string"]}, "username": {"type": "string"},
+                       **PROFILE_TEXT},
         "description": "the user's record without its password fields; the other fields are "
                        "the profile (firstName, lastName, phone ...)"},
     "Sessions": {
@@ -1695,7 +1699,7 @@ OPENAPI_SCHEMAS = {
     "Message": {
         "type": "object", "required": ["message"],
         "properties": {"message": {"type": "string"}}},
-    "Error": {
+    "NamedError": {
         "type": "object", "required": ["error", "name", "message"],
         "properties": {"error": {"enum": [True]}, "name": {"type": "string"},
                        "message": {"type": "string"}}},
@@ -1729,7 +1733,7 @@ ROUTE_DOCS = {
                   "that is not base64, or a malformed body"),
             429: ("Message", "too many password checks for this username or address",
                   ["Retry-After"]),
-            503: ("Error", "the sessions file cannot be written; no token is issued",
+            503: ("NamedError", "the sessions file cannot be written; no token is issued",
                   ["Retry-After"])}},
     ("GET", "/users/getInfo"): {
         "summary": "The token's user",
@@ -1740,16 +1744,16 @@ ROUTE_DOCS = {
         "responses": {
             200: ("Login", "renewed; the old refresh token is spent"),
             400: ("Message", "no refreshToken, or a malformed body"),
-            401: ("Error", "RefreshTokenError: unknown, expired or revoked; "
+            401: ("NamedError", "RefreshTokenError: unknown, expired or revoked; "
                   "RefreshTokenReuseError: already spent, so the session is now revoked"),
-            503: ("Error", "the sessions file cannot be written", ["Retry-After"])}},
+            503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
     ("POST", "/users/logout"): {
         "summary": "End the refresh token's session (its access tokens stop working)",
         "body": "RefreshRequest",
         "responses": {
             204: (None, "ended, or already ended"),
             400: ("Message", "no refreshToken, or a malformed body"),
-            503: ("Error", "the sessions file cannot be written", ["Retry-After"])}},
+            503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
     ("POST", "/users/logoutAll"): {
         "summary": "End every session of the token's user",
         "responses": {204: (None, "all ended")}},
@@ -1763,10 +1767,10 @@ ROUTE_DOCS = {
             201: ("User", "the new user, as getInfo will show it; log in next"),
             400: ("Message", "ValidationError: a rule the username, password or a profile "
                   "field breaks (the message says which); or a malformed body"),
-            409: ("Error", "UsernameTakenError: the username is taken"),
+            409: ("NamedError", "UsernameTakenError: the username is taken"),
             429: ("Message", "too many attempts from this address (each sign-up counts)",
                   ["Retry-After"]),
-            503: ("Error", "the users file cannot be written", ["Retry-After"])}},
+            503: ("NamedError", "the users file cannot be written", ["Retry-After"])}},
     ("GET", "/openapi.json"): {
         "summary": "This document",
         "responses": {200: ("OpenAPI", "OpenAPI 3.1")}},
@@ -1777,11 +1781,11 @@ ROUTE_DOCS = {
 }
 # What every route of a kind can answer besides its own.
 TOKEN_ANSWERS = {
-    401: ("Error", "the token failed verification: JsonWebTokenError, TokenExpiredError, "
+    401: ("NamedError", "the token failed verification: JsonWebTokenError, TokenExpiredError, "
           "NotBeforeError, or SessionRevokedError (logged out or revoked)",
           ["WWW-Authenticate"]),
     403: ("NoToken", "no token sent", ["WWW-Authenticate"]),
-    503: ("Error", "the sessions file cannot be read", ["Retry-After"]),
+    503: ("NamedError", "the sessions file cannot be read", ["Retry-After"]),
 }
 POST_ANSWERS = {
     411: ("Message", "no Content-Length (chunked bodies are refused)"),
