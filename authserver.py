@@ -34,6 +34,13 @@ It is the Node.js "JWT authentication server" tutorial's API, made safe: a teach
 example and a LAN demo, not a production identity provider (see README.md).
 """
 
+import sys
+
+# First, before anything an older Python cannot run: one line instead of a traceback.
+# (Python 3.6 to 3.8 get this far; 3.5 and 2.7 cannot even parse the f-strings below.)
+if sys.version_info < (3, 9):
+    sys.exit("authserver needs Python 3.9+ (this is %d.%d)" % sys.version_info[:2])
+
 import argparse
 import base64
 import binascii
@@ -55,7 +62,6 @@ import socket
 import socketserver
 import sqlite3
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -574,6 +580,26 @@ def public_record(user):
     return {name: value for name, value in user.items() if "password" not in name.lower()}
 
 
+# One rule for usernames, applied when the server loads users.json and when adduser
+# writes it, so the command line can never write a file the server then refuses. Letters
+# of any script are welcome (café, 山田); whitespace, control characters and lone surrogates
+# (argv bytes that were not UTF-8) are not: nobody can see them, let alone type them.
+MAX_USERNAME_CHARS = 64
+NOT_IN_USERNAMES = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_username(name, where):
+    """ConfigError, starting with where, unless name is a username users.json may hold."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: a username must be non-empty text, not {name!r}")
+    if len(name) > MAX_USERNAME_CHARS:
+        raise ConfigError(f"{where}: username {name[:20]!r}... is longer than "
+                          f"{MAX_USERNAME_CHARS} characters")
+    if NOT_IN_USERNAMES.search(name):
+        raise ConfigError(f"{where}: username {name!r} contains whitespace or a control "
+                          f"character")
+
+
 def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
@@ -581,8 +607,7 @@ def check_users(users, path):
     seen_names, seen_ids = set(), set()
     for user in users:
         name, user_id = user.get("username"), user.get("id")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"users file {path}: every user needs a username")
+        check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
         if name in seen_names or user_id in seen_ids:
@@ -645,12 +670,16 @@ def find_user_record(users, username, path):
     return user
 
 
+def refuse_taken(users, username, path):
+    if find_record(users, username) is not None:
+        raise UsernameTaken(f"user {username!r} already exists in {path}; "
+                            f"use: python authserver.py passwd {username}")
+
+
 def add_user_record(path, username, password_hash, fields):
     """Append a user with a fresh random id to users.json; UsernameTaken if the name is."""
     def append(users):
-        if find_record(users, username) is not None:
-            raise UsernameTaken(f"user {username!r} already exists in {path}; "
-                                f"use: python authserver.py passwd {username}")
+        refuse_taken(users, username, path)
         taken = {user.get("id") for user in users}
         user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
                        if candidate not in taken)
@@ -2308,12 +2337,20 @@ def serve(args):
 def read_new_password(stdin=None):
     """From the terminal with getpass (asked twice), or one line from stdin for scripts."""
     stdin = stdin or sys.stdin
-    if stdin.isatty():
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Repeat it: ") != password:
-            raise ConfigError("the two passwords differ")
-    else:
-        password = stdin.readline().rstrip("\r\n")
+    try:
+        if stdin.isatty():
+            password = getpass.getpass("New password: ")
+            if getpass.getpass("Repeat it: ") != password:
+                raise ConfigError("the two passwords differ")
+        else:
+            line = stdin.readline()
+            if not line:
+                raise EOFError
+            password = line.rstrip("\r\n")
+    except EOFError:                    # Ctrl-D at the prompt, or nothing piped in
+        if stdin.isatty():
+            print(file=sys.stderr)      # getpass left the cursor after its prompt
+        raise ConfigError("no password given (end of input)") from None
     if not password:
         raise ConfigError("empty password refused")
     return password
@@ -2325,10 +2362,9 @@ def iterations_from(config_path):
 
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
+    check_username(args.username, "adduser")
     path = Path(args.users or HERE / "users.json")
-    if find_record(read_users_list(path), args.username) is not None:    # before the prompt
-        raise UsernameTaken(f"user {args.username!r} already exists in {path}; "
-                            f"use: python authserver.py passwd {args.username}")
+    refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
     password_hash = hash_password(read_new_password(), iterations_from(args.config))
     fields = {field: value for field, value in (("firstName", args.first_name),
                                                 ("lastName", args.last_name),
@@ -2378,6 +2414,7 @@ class Narrator:
     def __init__(self, stream):
         self.stream = stream
         self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
+        self.after_failure = []         # lines a failed step leaves to say after its FAIL
 
     def paint(self, text, style):
         return f"\033[{self.COLOURS[style]}m{text}\033[0m" if self.colour else text
@@ -2392,6 +2429,30 @@ class Narrator:
     def check(self, passed, text):
         mark = self.paint("ok  ", "ok") if passed else self.paint("FAIL", "fail")
         self.say(f"   {mark} {text}")
+
+
+def printable(text):
+    """text with anything a terminal might obey (escape sequences) shown as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def claims_lines(claims, now):
+    """The claims as JSON, then iat, nbf and exp as dates: what step 4 shows."""
+    lines = [f"   {printable(COMPACT_JSON.encode(claims))}"]
+    return lines + [f"   {describe_time(name, claims[name], now)}"
+                    for name in ("iat", "nbf", "exp") if name in claims]
+
+
+def untrusted_payload_lines(payload_segment, now, narrator):
+    """The payload of a token whose signature failed: readable, but not trusted."""
+    warning = narrator.paint("Readable, but not trusted:", "fail")
+    try:
+        claims = parse_json_object(b64url_decode(payload_segment))
+    except ValueError:
+        return ["", f"   {warning} (the payload is not even base64url JSON: nothing to read)"]
+    return ["", f"   {warning} the payload is only base64url (encoded, not encrypted),",
+            "   and without a valid signature anyone could have written it:"
+            ] + claims_lines(claims, now)
 
 
 def describe_time(name, value, now):
@@ -2420,7 +2481,7 @@ def explain_steps(token, key, config, users, narrator, now):
     try:
         header_text = b64url_decode(header_segment).decode("utf-8", "replace")
         # A hostile token must not reach the terminal's control sequences.
-        narrator.say("   " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in header_text))
+        narrator.say("   " + printable(header_text))
     except ValueError:
         narrator.say("   (not base64url)")
     read_header(header_segment)
@@ -2435,15 +2496,18 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
     narrator.say(f"   presented {narrator.paint(signature_segment or '(empty)', 'signature')}")
-    check_signature(signing_input, signature_segment, key)
+    try:
+        check_signature(signing_input, signature_segment, key)
+    except TokenError:
+        # The lesson of a failed signature: the claims were never secret, only unproven.
+        narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
+        raise
     narrator.check(True, "they match (hmac.compare_digest, constant time)")
 
     narrator.step(4, "Decode the payload: base64url -> JSON  (read_payload)")
     claims = read_payload(payload_segment)
-    narrator.say(f"   {COMPACT_JSON.encode(claims)}")
-    for name in ("iat", "nbf", "exp"):
-        if name in claims:
-            narrator.say(f"   {describe_time(name, claims[name], now)}")
+    for line in claims_lines(claims, now):
+        narrator.say(line)
 
     narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
     check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
@@ -2455,19 +2519,52 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
 
 
+# What devtools and curl show is the whole header line, and that is what gets copied.
+PASTED_HEADER = re.compile(
+    r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)", re.I | re.S)
+
+
+def read_token(args):
+    """The token to explain: the argument, or stdin (piped in, or pasted after "explain -")."""
+    if args.token not in (None, "-"):
+        return args.token.strip()
+    if sys.stdin.isatty():
+        if args.token is None:          # waiting silently for input would look like a hang
+            sys.stderr.write(args.usage())
+            raise ConfigError("give the token as an argument, or pipe it in: "
+                              "... | python authserver.py explain")
+        print("Paste the token, then Enter:", file=sys.stderr, flush=True)
+        text = sys.stdin.readline()
+    else:
+        text = sys.stdin.read()
+    if not text.strip():
+        raise ConfigError("no token on stdin")
+    return text.strip()
+
+
 def explain(args):
     """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
-    token = args.token if args.token not in (None, "-") else sys.stdin.read()
-    token = token.strip()
+    token = read_token(args)
     config = load_config(args.config or HERE / "config.json")
     key = load_secret(config)
     users = UserStore(args.users or HERE / "users.json")
     narrator = Narrator(sys.stdout)
     now = time.time()
+    pasted = PASTED_HEADER.fullmatch(token)
+    if pasted:
+        # Go on with the token, as a teacher would; the server itself refuses the whole line.
+        token = pasted.group(2).strip()
+        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
+        narrator.say(f"Note: this looks like a whole header; the token is the part after "
+                     f"'{after}'.")
+        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
+                     "jwt malformed.)")
     try:
         explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:
         narrator.check(False, f"{error.name}: {error}")
+        for line in narrator.after_failure:
+            narrator.say(line)
         narrator.say()
         narrator.say(narrator.paint(
             f"Verdict: rejected. The server answers 401 "
@@ -2513,17 +2610,29 @@ def build_parser():
     explain_command = commands.add_parser("explain", parents=[files],
                                           help="verify a token step by step")
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
-    explain_command.set_defaults(action=explain)
+    explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.action(args)
+        code = args.action(args)
+        sys.stdout.flush()              # a closed pipe is reported here, not at exit
+        return code
+    except BrokenPipeError:
+        # Whoever read our output went away (explain ... | head): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as error:
         print(f"authserver: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C in a command (the server stops cleanly on its own): one line, and the
+        # shell's code for "ended by SIGINT". On a terminal, first end the prompt's line.
+        print("\nauthserver: interrupted" if sys.stderr.isatty() else "authserver: interrupted",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ import base64
 import hashlib
 import http
 import http.client
+import http.server
 import io
 import json
 import os
+import runpy
+import re
+import select
 import shutil
 import signal
 import socket
@@ -24,6 +28,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+from html.parser import HTMLParser
 from pathlib import Path
 from unittest import mock
 
@@ -1424,6 +1429,864 @@ class TestUsersFileWriters(unittest.TestCase):
         self.assertEqual(len(keys), 8)
         self.assertEqual(len(set(keys)), 1)
         self.assertEqual((files.folder / "authserver.secret").read_bytes().strip(), keys[0])
+# ---------------------------------------------------------------------------
+# The command line's rough edges: explain, prompts, usernames, old Pythons
+# ---------------------------------------------------------------------------
+
+def explain_cli(files, *args, stdin=""):
+    """authserver.main(["explain", ...]) in this process (faster than run_cli), stdin piped."""
+    argv = ["explain", *args, "--config", str(files.config), "--users", str(files.users)]
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("sys.stdout", out), \
+            mock.patch("sys.stderr", err):
+        code = authserver.main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+class TestCliExplain(unittest.TestCase):
+
+    def setUp(self):
+        self.files = Files(self)
+
+    def test_a_failed_signature_still_shows_the_payload_marked_not_trusted(self):
+        now = time.time()
+        head, _, signature = token_for().split(".")
+        forged = {"id": 26858, "username": "ncuser", "iat": int(now), "exp": int(now) + 600}
+        tampered = f"{head}.{b64url_encode(json.dumps(forged).encode())}.{signature}"
+        unsigned = ".".join(token_for().split(".")[:2]) + "."
+        for token, error in ((tampered, "invalid signature"),
+                             (unsigned, "jwt signature is required")):
+            with self.subTest(error):
+                result = explain_cli(self.files, token)
+                self.assertEqual((result.returncode, result.stderr), (1, ""))
+                out = result.stdout
+                order = [out.index(f"FAIL JsonWebTokenError: {error}"),
+                         out.index("Readable, but not trusted:"),
+                         out.index('"username":'), out.index("exp "),
+                         out.index("Verdict: rejected")]
+                self.assertEqual(order, sorted(order), out)
+                if token is tampered:
+                    self.assertIn(f'{{"id":26858,"username":"ncuser","iat":{int(now)},'
+                                  f'"exp":{int(now) + 600}}}', out)
+                    self.assertIn(f"exp {int(now) + 600} = 20", out)
+                    self.assertIn("(in 0h 9m", out)
+
+    def test_payload_shown_untrusted_is_made_harmless_and_a_good_signature_shows_no_warning(self):
+        hostile = forge(GOOD_HEADER, {"username": "\x9b2J\u202eevil", "exp": 2 ** 40},
+                        signature=SIGNATURE)
+        out = explain_cli(self.files, hostile).stdout
+        self.assertIn("Readable, but not trusted:", out)
+        self.assertIn('"username":"\\x9b2J\\u202eevil"', out)
+        self.assertNotIn("\x9b", out)
+        self.assertNotIn("\u202e", out)
+        not_json = f"{HEAD}.{b64url_encode(b'not json')}.{SIGNATURE}"
+        self.assertIn("not trusted: (the payload is not even base64url JSON: nothing to read)",
+                      explain_cli(self.files, not_json).stdout)
+        for token in (token_for(), token_for(now=time.time() - 7200)):    # valid; expired
+            self.assertNotIn("not trusted", explain_cli(self.files, token).stdout)
+
+    def test_a_pasted_header_gets_a_note_and_the_token_is_explained(self):
+        token = token_for()
+        for pasted, after in ((f"Bearer {token}", "Bearer "),
+                              (f"Authorization: Bearer {token}", "Bearer "),
+                              (f"authorization:bearer   {token}\n", "Bearer "),
+                              (f"x-access-token: {token}", "x-access-token: "),
+                              (f"X-Access-Token:{token}", "x-access-token: ")):
+            with self.subTest(pasted):
+                result = explain_cli(self.files, pasted)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                self.assertTrue(result.stdout.startswith(
+                    "Note: this looks like a whole header; the token is the part after "
+                    f"'{after}'.\n"), result.stdout)
+                self.assertIn("Verdict: valid", result.stdout)
+        piped = explain_cli(self.files, stdin=f"Authorization: Bearer {token}\n")
+        self.assertEqual(piped.returncode, 0)
+        self.assertIn("the part after 'Bearer '", piped.stdout)
+        self.assertNotIn("Note:", explain_cli(self.files, token).stdout)
+        # The server itself keeps refusing such a token.
+        server = start_server(self, self.files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        for headers in ({"Authorization": f"Bearer Bearer {token}"},
+                        {"x-access-token": f"x-access-token: {token}"}):
+            status, _, body = client.request("GET", "/users/getInfo", headers=headers)
+            self.assertEqual((status, body["message"]), (401, "jwt malformed"))
+
+    def test_stdin_piped_or_dash_and_nothing_piped(self):
+        token = token_for()
+        for args in ((), ("-",)):
+            result = run_cli("explain", *args, "--config", self.files.config,
+                             "--users", self.files.users, stdin=token + "\n")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("Verdict: valid", result.stdout)
+        for stdin in ("", " \n"):
+            result = explain_cli(self.files, stdin=stdin)
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (2, "", "authserver: no token on stdin\n"))
+
+    def test_a_closed_pipe_is_no_traceback(self):
+        read_end, write_end = os.pipe()
+        os.close(read_end)                     # like `explain TOKEN | head -1`, head gone
+        try:
+            result = subprocess.run(
+                [sys.executable, str(HERE / "authserver.py"), "explain", token_for(),
+                 "--config", str(self.files.config), "--users", str(self.files.users)],
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
+
+
+class TestCliInterrupts(unittest.TestCase):
+    """Ctrl-C and Ctrl-D at a prompt: one line and a non-zero exit, never a traceback."""
+
+    def test_keyboard_interrupt_in_a_command_is_one_line_and_130(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        before = files.users.read_bytes()
+        for command in ("passwd", "adduser"):
+            stderr = io.StringIO()
+            with self.subTest(command), mock.patch("sys.stderr", stderr), \
+                    mock.patch.object(authserver, "read_new_password",
+                                      side_effect=KeyboardInterrupt):
+                try:
+                    code = authserver.main([command, "someone" if command == "adduser" else "test",
+                                            "--config", str(files.config),
+                                            "--users", str(files.users)])
+                except KeyboardInterrupt:
+                    self.fail("the KeyboardInterrupt escaped main()")
+            self.assertEqual((code, stderr.getvalue()), (130, "authserver: interrupted\n"))
+        self.assertEqual(files.users.read_bytes(), before)
+
+    def test_end_of_piped_input_at_the_password_prompt(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for command, name in (("passwd", "test"), ("adduser", "newcomer")):
+            result = run_cli(command, name, "--config", files.config, "--users", files.users,
+                             stdin="")
+            self.assertEqual((result.returncode, result.stderr),
+                             (2, "authserver: no password given (end of input)\n"))
+        self.assertEqual(json.loads(files.users.read_text()), TEST_USERS)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a POSIX terminal")
+class TestCliTerminal(unittest.TestCase):
+    """The command line on a real (pseudo) terminal, as a person at a keyboard meets it."""
+
+    def spawn(self, *args):
+        """authserver.py with stdin, stdout and stderr on a new terminal; (process, leader)."""
+        self.files = Files(self, passwordIterations=FAST_ITERATIONS)
+        leader, follower = os.openpty()
+        # A new session has no controlling terminal, so getpass uses this one (stdin) and
+        # never the terminal the tests run in.
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "authserver.py"), *args,
+             "--config", str(self.files.config), "--users", str(self.files.users)],
+            stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
+            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"})     # a new pty is 0 wide
+        os.close(follower)
+
+        def close():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            os.close(leader)
+        self.addCleanup(close)
+        return process, leader
+
+    def read_until(self, leader, text=None, timeout=30):
+        """What the program wrote, up to text (or up to its end), within timeout seconds."""
+        output, deadline = b"", time.monotonic() + timeout
+        while text is None or text not in output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fail(f"waited {timeout}s for {text or 'the end'!r}; got {output!r}")
+            if not select.select([leader], [], [], remaining)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:                     # EIO: every writer is gone
+                chunk = b""
+            if not chunk:
+                if text is None:
+                    return output
+                self.fail(f"ended before {text!r}: {output!r}")
+            output += chunk
+        return output
+
+    def test_ctrl_c_at_the_getpass_prompt(self):
+        process, leader = self.spawn("passwd", "test")
+        before = self.files.users.read_bytes()
+        prompt = self.read_until(leader, b"New password: ")
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(prompt + self.read_until(leader),
+                         b"New password: \r\nauthserver: interrupted\r\n")
+        self.assertEqual(process.wait(timeout=30), 130)
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_ctrl_d_at_the_getpass_prompt(self):
+        process, leader = self.spawn("adduser", "newcomer")
+        before = self.files.users.read_bytes()
+        prompt = self.read_until(leader, b"New password: ")
+        os.write(leader, b"\x04")                # Ctrl-D at the start of a line: end of input
+        self.assertEqual(prompt + self.read_until(leader),
+                         b"New password: \r\nauthserver: no password given (end of input)\r\n")
+        self.assertEqual(process.wait(timeout=30), 2)
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_explain_without_a_token_on_a_terminal_prints_usage(self):
+        process, leader = self.spawn("explain")
+        output = self.read_until(leader).decode()
+        self.assertEqual(process.wait(timeout=30), 2)
+        self.assertTrue(output.startswith("usage: authserver.py explain "), output)
+        self.assertTrue(output.endswith(
+            "authserver: give the token as an argument, or pipe it in: "
+            "... | python authserver.py explain\r\n"), output)
+
+    def test_explain_dash_on_a_terminal_asks_for_the_token(self):
+        process, leader = self.spawn("explain", "-")
+        self.read_until(leader, b"Paste the token, then Enter:")
+        os.write(leader, token_for().encode() + b"\n")
+        self.assertIn(b"Verdict: valid", self.read_until(leader))
+        self.assertEqual(process.wait(timeout=30), 0)
+        for key, code, line in ((b"\x03", 130, b"authserver: interrupted"),
+                                (b"\x04", 2, b"authserver: no token on stdin")):
+            process, leader = self.spawn("explain", "-")
+            self.read_until(leader, b"Paste the token, then Enter:")
+            if key == b"\x03":
+                process.send_signal(signal.SIGINT)
+            else:
+                os.write(leader, key)
+            self.assertTrue(self.read_until(leader).rstrip().endswith(line))
+            self.assertEqual(process.wait(timeout=30), code)
+
+
+class TestCliUsernames(unittest.TestCase):
+    """One rule for usernames, the same when adduser writes users.json and when it is loaded."""
+
+    ALLOWED = ["test", "ncuser", "café", "山田", "o'brien", "user@example.org", "x" * 64]
+    REFUSED = ["", " ", "a b", " lead", "trail ", "a\tb", "a\nb", "a\x00b", "a\x7f", "a\x85b",
+               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65]
+
+    def test_the_rule(self):
+        for name in self.ALLOWED:
+            with self.subTest(name=name):
+                authserver.check_username(name, "here")
+        for name in self.REFUSED + [None, 5, ["a"]]:
+            with self.subTest(name=name), self.assertRaises(authserver.ConfigError) as caught:
+                authserver.check_username(name, "here")
+            self.assertTrue(str(caught.exception).startswith("here: "))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_adduser_and_the_server_agree(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for name in self.ALLOWED[3:] + self.REFUSED:           # the first three are there
+            with self.subTest(name=name):
+                before = files.users.read_bytes()
+                stderr = io.StringIO()
+                with mock.patch("sys.stdin", io.StringIO("pw\n")), \
+                        mock.patch("sys.stdout", io.StringIO()), mock.patch("sys.stderr", stderr):
+                    code = authserver.main(["adduser", name, "--config", str(files.config),
+                                            "--users", str(files.users)])
+                if name in self.REFUSED:
+                    self.assertEqual(code, 2)
+                    self.assertTrue(stderr.getvalue().startswith("authserver: adduser: "))
+                    self.assertEqual(files.users.read_bytes(), before)
+                    # ... and the server refuses a file holding that name, by the same rule.
+                    broken = Files(self, users=TEST_USERS + [make_user(7, name, "pw")])
+                    with self.assertRaises(authserver.ConfigError) as caught:
+                        authserver.UserStore(broken.users)
+                    self.assertEqual(str(caught.exception).partition(": ")[2],
+                                     stderr.getvalue().strip().partition(": adduser: ")[2])
+                else:
+                    self.assertEqual(code, 0, stderr.getvalue())
+                    store = authserver.UserStore(files.users)       # the server loads it
+                    self.assertIsNotNone(store.find_by_name(name)[0])
+
+    def test_adduser_empty_name_on_the_command_line(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        before = files.users.read_bytes()
+        result = run_cli("adduser", "", "--config", files.config, "--users", files.users,
+                         stdin="pw\n")
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "authserver: adduser: a username must be non-empty text, not ''\n"))
+        self.assertEqual(files.users.read_bytes(), before)
+
+
+class TestCliOldPython(unittest.TestCase):
+    """Older Pythons say what they need in one line, wherever they get far enough to run."""
+
+    MESSAGE = "authserver needs Python 3.9+ (this is {})"
+
+    def test_the_check_runs_before_anything_else(self):
+        with mock.patch.object(sys, "version_info", (3, 8, 18, "final", 0)), \
+                self.assertRaises(SystemExit) as caught:
+            runpy.run_path(str(HERE / "authserver.py"), run_name="on_python_3_8")
+        self.assertEqual(caught.exception.code, self.MESSAGE.format("3.8"))
+
+    def test_real_older_interpreters(self):
+        # 3.6 to 3.8 parse the whole file; 3.5 and 2.7 stop at its first f-string.
+        found = {}
+        for version in ("3.6", "3.7", "3.8"):
+            candidates = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+            which = shutil.which(f"python{version}")
+            if which and "shims" not in Path(which).parts:      # a pyenv shim may not run
+                candidates.append(Path(which))
+            if candidates:
+                found[version] = candidates[0]
+        if "3.8" not in found:
+            self.skipTest("no Python 3.8 here")
+        for version, python in found.items():
+            with self.subTest(python=str(python)):
+                result = subprocess.run([str(python), str(HERE / "authserver.py"), "--help"],
+                                        capture_output=True, text=True, timeout=60)
+                self.assertEqual((result.returncode, result.stdout, result.stderr),
+                                 (1, "", self.MESSAGE.format(version) + "\n"))
+
+# ---------------------------------------------------------------------------
+# The page: its HTML as served, and the page itself in a real (headless) browser
+# ---------------------------------------------------------------------------
+
+class PageReader(HTMLParser):
+    """The text a reader sees: in all, per element id, and the <mark>ed parts per id."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+            "track", "wbr"}
+
+    def __init__(self, html):
+        super().__init__()
+        self.open, self.text, self.by_id, self.marks = [], [], {}, {}
+        self.hidden_depth = 0
+        self.feed(html)
+        self.close()
+        self.visible = "".join(self.text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            return
+        attrs = dict(attrs)
+        unseen = tag in ("script", "style") or "hidden" in attrs
+        self.open.append((tag, attrs.get("id"), unseen))
+        self.hidden_depth += unseen
+        if attrs.get("id"):
+            self.by_id.setdefault(attrs["id"], "")
+
+    def handle_endtag(self, tag):
+        while self.open:
+            open_tag, _, unseen = self.open.pop()
+            self.hidden_depth -= unseen
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data):
+        ids = [element_id for _, element_id, _ in self.open if element_id]
+        for element_id in ids:
+            self.by_id[element_id] += data
+        if any(tag == "mark" for tag, _, _ in self.open) and ids:
+            self.marks.setdefault(ids[-1], []).append(data)
+        if not self.hidden_depth:
+            self.text.append(data)
+
+
+def page_scripts(html):
+    return "".join(re.findall(r"<script>(.*?)</script>", html, re.S))
+
+
+class TestPageServed(unittest.TestCase):
+    """test.html as the server sends it: ids, policy, and what the page does, read in its HTML."""
+
+    @classmethod
+    def setUpClass(cls):
+        server = start_server(cls)
+        client = Client(server)
+        cls.status, cls.response, body = client.request("GET", "/")
+        client.close()
+        cls.html = body.decode("utf-8")
+        cls.page = PageReader(cls.html)
+        cls.script = page_scripts(cls.html)
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def test_the_tutorials_ids_and_the_labs_are_there(self):
+        self.assertEqual(self.status, 200)
+        for element_id in ("id_username", "id_password", "btn", "infoBtn", "output",
+                           "refreshBtn", "logoutBtn", "result", "tokenBox", "tokenView",
+                           "verifyBtn", "tamperBtn", "decodedHeader", "decodedPayload", "times"):
+            self.assertEqual(len(re.findall(rf"""id=['"]{element_id}['"]""", self.html)), 1,
+                             element_id)
+
+    def test_it_loads_nothing_from_elsewhere_and_the_policy_says_so(self):
+        self.assertEqual(self.response.getheader("Content-Security-Policy"), authserver.PAGE_POLICY)
+        self.assertIn("default-src 'none'", authserver.PAGE_POLICY)
+        self.assertIn("connect-src 'self'", authserver.PAGE_POLICY)
+        self.assertNotRegex(self.html, r"<script[^>]*\ssrc|<link[^>]*stylesheet|@import|url\(")
+        for link in re.findall(r"""(?:src|href|action)\s*=\s*['"]([^'"]*)""", self.html):
+            self.assertRegex(link, r"^(#|data:)", "everything inline or data:")
+
+    def test_the_served_page_does_not_mention_api_links(self):
+        self.assertNotIn("?api=", self.page.visible)
+        self.assertEqual(self.page.by_id["diskHint"], "")
+        # The hint is written by the script only for a copy opened from disk.
+        self.assertRegex(self.script,
+                         r"if \(location\.protocol === 'file:'\) \{\s*"
+                         r"show\('diskHint', '[^']*\?api=")
+
+    def test_enter_in_the_password_field_logs_in(self):
+        form = re.search(r'<form id="loginForm">(.*?)</form>', self.html, re.S).group(1)
+        self.assertIn('id="id_password"', form)
+        self.assertIn('enterkeyhint="go"', form)
+        self.assertIn("""<button id='btn' type="submit">""", form)   # Enter submits the form
+        for other in ("infoBtn", "refreshBtn", "logoutBtn"):
+            self.assertRegex(form, rf"""id=['"]{other}['"] type="button">""")
+        self.assertIn("$('loginForm').addEventListener('submit', authReq)", self.script)
+        self.assertRegex(self.script, r"async function authReq\(event\) \{\s*"
+                                      r"if \(event\) event\.preventDefault\(\)")
+
+    def test_nothing_is_shown_empty_before_the_first_request(self):
+        self.assertRegex(self.html, r'<section id="exchange" hidden>')
+        self.assertRegex(self.html, r'<div id="decoded" [^>]*hidden>')
+        self.assertIn("[hidden] { display: none !important; }", self.html)   # over .grid's display
+
+    def test_the_refresh_token_lives_in_a_variable_only(self):
+        for store in ("localStorage", "sessionStorage", "document.cookie", "indexedDB"):
+            self.assertNotIn(store, self.script)
+        self.assertIn("let refreshToken = null", self.script)
+
+    def test_a_password_note_says_base64_is_not_encryption(self):
+        self.assertIn("base64: an encoding, not encryption", self.page.by_id["encodingNote"])
+        self.assertEqual(base64.b64decode("dGVzdA==").decode(), "test")   # the note's example
+
+
+def find_browser():
+    """A Chromium-family browser on PATH, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+BROWSER = find_browser()
+
+
+class Browser:
+    """Headless Chromium driven through --remote-debugging-pipe: the DevTools protocol as
+    NUL-terminated JSON on the browser's file descriptors 3 (in) and 4 (out); stdlib only."""
+
+    def __init__(self, test):
+        profile = tempfile.mkdtemp()
+        test.addCleanup(shutil.rmtree, profile, True)
+        browser_in, self.commands = os.pipe()
+        self.replies, browser_out = os.pipe()
+        self.process = subprocess.Popen(
+            ["sh", "-c", f'exec "$@" 3<&{browser_in} 4>&{browser_out}', "sh", BROWSER,
+             "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+             "--disable-extensions", "--disable-background-networking", "--remote-debugging-pipe",
+             "--user-data-dir=" + profile, "about:blank"],
+            pass_fds=(browser_in, browser_out),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(browser_in)
+        os.close(browser_out)
+        test.addCleanup(self.close)
+        self.buffer, self.last_id = b"", 0
+
+    def call(self, method, session=None, timeout=30, **params):
+        """Send one command, return its result (events on the way are skipped)."""
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, _, self.buffer = self.buffer.partition(b"\0")
+                reply = json.loads(raw)
+                if reply.get("id") == self.last_id:
+                    if "error" in reply:
+                        raise AssertionError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.replies], [], [], left)[0]:
+                raise AssertionError(f"the browser did not answer {method} in {timeout} s")
+            chunk = os.read(self.replies, 1 << 20)
+            if not chunk:
+                raise AssertionError("the browser has gone")
+            self.buffer += chunk
+
+    def open(self, url, width=1280, height=900):
+        """A new tab (its own session) showing url, at the given window size."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        tab = Tab(self, session)
+        tab.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                 deviceScaleFactor=1, mobile=width < 640)
+        tab.call("Page.navigate", url=url)
+        return tab
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=3)
+            self.process.wait(timeout=5)
+        except (AssertionError, OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        for fd in (self.commands, self.replies):
+            os.close(fd)
+
+
+class Tab:
+    """One page in the Browser: evaluate JavaScript, wait for a condition, press keys."""
+
+    def __init__(self, browser, session):
+        self.browser, self.session = browser, session
+
+    def call(self, method, **params):
+        return self.browser.call(method, session=self.session, **params)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=20):
+        """Poll expression until it is truthy (the page works asynchronously); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = self.evaluate(expression)
+            except AssertionError:              # the page is still loading
+                value = None
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still false after {timeout} s: {expression}")
+            time.sleep(0.02)
+
+    def result(self):
+        """The line beside the buttons, once a request has finished."""
+        return self.wait_for("(t => t && t !== '…' && t)"
+                             "((document.getElementById('result') || {}).textContent)")
+
+    def click(self, element_id):
+        self.evaluate(f"document.getElementById({element_id!r}).click()")
+
+    def dom(self):
+        return self.evaluate("document.documentElement.outerHTML")
+
+    def press_enter(self):
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                      windowsVirtualKeyCode=13, text="\r" if kind == "keyDown" else "")
+
+
+def local_date(seconds):
+    """The page's local date format, computed by Python in the same time zone."""
+    moment = time.localtime(seconds)
+    offset = moment.tm_gmtoff // 60
+    sign = "-" if offset < 0 else "+"
+    return (time.strftime("%Y-%m-%d %H:%M:%S", moment) +
+            f" UTC{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}")
+
+
+BROWSER_REASON = "no chromium / chrome on PATH (or not a POSIX system, where the pipe works)"
+
+
+@unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
+class TestPageInBrowser(unittest.TestCase):
+    """The page in headless Chromium, driven by links (#token=...&tamper&verify): the DOM."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = start_server(cls)
+        cls.browser = Browser(cls)
+        base = f"http://127.0.0.1:{cls.server.server_address[1]}/"
+        now = int(time.time())
+        cls.valid = token_for(now=now, lifetime=3600)
+        cls.expired = token_for(now=now - 180, lifetime=60)
+        cls.edited = cls.expired.split(".")
+        cls.edited[1] = b64url_encode(b64url_decode(cls.edited[1]).replace(b'"test"', b'"admin"'))
+        cls.edited = ".".join(cls.edited)
+        with socket.socket() as closed:                  # a port where nothing listens
+            closed.bind(("127.0.0.1", 0))
+            closed_port = closed.getsockname()[1]
+        from_disk = (HERE / "test.html").as_uri() + "?api=http://127.0.0.1:"
+        scenarios = {
+            "valid": base + "#token=" + cls.valid + "&verify",
+            "tampered": base + "#token=" + cls.valid + "&tamper&verify",
+            "edited": base + f"#signed={cls.expired}&token={cls.edited}&verify",
+            "header_line": base + "#token=Bearer%20" + cls.valid + "&verify",
+            "disk_no_token": from_disk + f"{cls.server.server_address[1]}#verify",
+            "disk_server_down": from_disk + f"{closed_port}#verify",
+        }
+        # All tabs at once, in one browser: the class costs about one browser start.
+        tabs = {name: cls.browser.open(url) for name, url in scenarios.items()}
+        cls.dom = {}
+        for name, tab in tabs.items():
+            tab.result()
+            cls.dom[name] = tab.dom()
+        cls.read = {name: PageReader(dom) for name, dom in cls.dom.items()}
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def test_a_valid_token_is_decoded_dated_and_accepted(self):
+        page = self.read["valid"]
+        claims = decode_token(self.valid, SECRET)
+        self.assertIn('"username": "test"', page.by_id["decodedPayload"])
+        self.assertIn('"alg": "HS256"', page.by_id["decodedHeader"])
+        self.assertEqual(page.by_id["time-exp"],
+                         f"exp expires {local_date(claims['exp'])} (in 60 min)")
+        self.assertTrue(page.by_id["time-iat"].startswith(
+            f"iat issued {local_date(claims['iat'])} ("))
+        self.assertNotIn("time-nbf", page.by_id)
+        # The parts, coloured, nothing marked: it is the token the server signed.
+        view = re.search(r'<pre id="tokenView"[^>]*>(.*?)</pre>', self.dom["valid"], re.S).group(1)
+        head, body, signature = self.valid.split(".")
+        self.assertEqual(view, f'<span class="header">{head}</span>.<span class="payload">{body}'
+                               f'</span>.<span class="signature">{signature}</span>\n')
+        self.assertEqual(page.visible.count(body), 1, "the token appears once")
+        self.assertEqual(page.by_id["verdict"], "200: the server accepts this token.")
+        self.assertEqual(page.by_id["result"], "200 OK")
+        self.assertIn('"username": "test"', page.by_id["output"])
+        self.assertEqual(page.by_id["diskHint"], "")
+        self.assertNotIn("?api=", page.visible)
+
+    def test_tamper_changes_the_username_and_the_server_says_invalid_signature(self):
+        page = self.read["tampered"]
+        self.assertIn('"username": "admin"', page.by_id["decodedPayload"])
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        head, body, signature = self.valid.split(".")
+        marked = "".join(page.marks["tokenView"])
+        self.assertTrue(marked, "the changed characters are marked")
+        tampered = page.by_id["tokenView"].strip()
+        self.assertEqual(tampered.split(".")[0::2], [head, signature])   # header, signature kept
+        self.assertIn(marked, tampered.split(".")[1])
+        self.assertEqual(json.loads(b64url_decode(tampered.split(".")[1]))["username"], "admin")
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: invalid signature")
+        self.assertTrue(page.by_id["verdict"].startswith("401 invalid signature"))
+        self.assertIn("Authorization: Bearer " + head[:12] + "…", page.by_id["httpRequest"])
+
+    def test_an_edited_expired_token_shows_the_change_its_dates_and_the_servers_verdict(self):
+        page = self.read["edited"]
+        claims = json.loads(b64url_decode(self.expired.split(".")[1]))
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        self.assertEqual(page.by_id["tokenView"].strip(), self.edited)
+        self.assertTrue(page.marks["tokenView"])
+        # The signature is checked before the dates, so the answer is about the edit.
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: invalid signature")
+        self.assertRegex(page.by_id["time-exp"],
+                         rf"^exp expires {re.escape(local_date(claims['exp']))} \(\d min ago\): "
+                         r"the server now answers jwt expired$")
+
+    def test_a_pasted_header_line_gets_a_hint(self):
+        page = self.read["header_line"]
+        self.assertEqual(page.by_id["changes"], 'This is a header line, not a token: keep only '
+                                                'what follows "Bearer" (a token starts with eyJ).')
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: jwt malformed")
+
+    def test_no_token_sends_none_and_the_tutorials_403_shows_from_disk(self):
+        page = self.read["disk_no_token"]
+        self.assertEqual(page.by_id["result"], "403 Forbidden: No token provided.")
+        self.assertEqual(page.by_id["httpRequest"],
+                         f"GET http://127.0.0.1:{self.server.server_address[1]}/users/getInfo\n"
+                         "Accept: application/json")
+        self.assertEqual(json.loads(page.by_id["output"]),
+                         {"error": True, "message": "No token provided."})
+        self.assertIn("?api=http://", page.by_id["diskHint"])        # opened from disk: the hint
+
+    def test_a_request_without_an_answer_says_why_beside_the_buttons(self):
+        page = self.read["disk_server_down"]
+        self.assertRegex(page.by_id["result"], r"^GET /users/getInfo: no answer: the server is down")
+        self.assertIn("Is the server running at http://127.0.0.1:", page.by_id["result"])
+        self.assertEqual(page.by_id["httpStatus"], "no answer")
+        # The result line comes right after the buttons, before anything else.
+        self.assertRegex(self.dom["disk_server_down"],
+                         r'id="logoutBtn"[^<]*</button>\s*</form>\s*<p id="result"')
+
+
+    def login_by_enter(self, tab):
+        tab.wait_for("document.readyState === 'complete'")
+        tab.evaluate("document.getElementById('id_username').value = 'test';"
+                     "document.getElementById('id_password').value = 'test';"
+                     "document.getElementById('id_password').focus()")
+        tab.press_enter()
+        return tab.result()
+
+    def test_enter_in_the_password_field_logs_in(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/")
+        self.assertEqual(self.login_by_enter(tab), "200 OK: logged in as test; the token is below.")
+        page = PageReader(tab.dom())
+        claims = decode_token(page.by_id["tokenView"].strip(), SECRET)
+        self.assertEqual(claims["username"], "test")
+        self.assertIn('"password":"dGVzdA=="', page.by_id["httpRequest"])
+        self.assertIn("not encryption", page.visible)            # the note beside the request
+        self.assertEqual(page.visible.count(page.by_id["tokenView"].strip().split(".")[2]), 1)
+
+    def edit(self, tab, element_id, old, new):
+        """Change text in a textarea as a user would: the value, then an input event."""
+        tab.evaluate(f"(area => {{ area.value = area.value.replace({old!r}, {new!r});"
+                     f" area.dispatchEvent(new Event('input')) }})"
+                     f"(document.getElementById({element_id!r}))")
+
+    def test_editing_the_decoded_payload_or_the_token_and_asking_the_server(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/")
+        self.login_by_enter(tab)
+        signed = PageReader(tab.dom()).by_id["tokenView"].strip()
+        self.edit(tab, "decodedPayload", '"test"', '"admin"')
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: invalid signature")
+        page = PageReader(tab.dom())
+        edited = page.by_id["tokenView"].strip()
+        self.assertEqual(json.loads(b64url_decode(edited.split(".")[1]))["username"], "admin")
+        self.assertEqual(edited.split(".")[2], signed.split(".")[2])
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        self.assertTrue(page.marks["tokenView"])
+        # Back to "test" by hand in the token box: the signature fits again.
+        self.edit(tab, "tokenBox", edited, signed)
+        self.assertNotIn("changes", PageReader(tab.dom()).marks)
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "200 OK")
+        # One character of the signature changed: only it is marked.
+        last = "A" if signed[-1] != "A" else "B"
+        self.edit(tab, "tokenBox", signed, signed[:-1] + last)
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: invalid signature")
+        self.assertEqual(PageReader(tab.dom()).marks["tokenView"], [last])
+        # Forget the tokens: "Get user info" sends none, and the server says 403.
+        tab.click("forgetBtn")
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "403 Forbidden: No token provided.")
+
+    def test_on_a_phone_the_exchange_comes_before_the_token_and_nothing_grey_is_empty(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/", 390, 844)
+        tab.wait_for("document.readyState === 'complete'")
+        empty_grey = ("[...document.querySelectorAll('*')].filter(e => e.offsetParent !== null &&"
+                      " !e.textContent.trim() && !/^(INPUT|TEXTAREA|BUTTON)$/.test(e.tagName) &&"
+                      " getComputedStyle(e).backgroundColor === 'rgb(244, 244, 246)').length")
+        self.assertEqual(tab.evaluate(empty_grey), 0)
+        self.assertTrue(tab.evaluate("document.getElementById('exchange').hidden"))
+        self.login_by_enter(tab)
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "200 OK")
+        top = "document.getElementById({!r}).getBoundingClientRect().top"
+        self.assertLess(tab.evaluate(top.format("result")), 400)       # beside the buttons
+        self.assertLess(tab.evaluate(top.format("httpStatus")), 844)    # on the first screen
+        self.assertLess(tab.evaluate(top.format("output")), tab.evaluate(top.format("tokenBox")))
+        self.assertEqual(tab.evaluate("document.documentElement.scrollWidth"), 390)  # no sideways
+        self.assertEqual(tab.evaluate(empty_grey), 0)
+
+    def test_refresh_and_log_out_show_their_exchange_whatever_the_server_answers(self):
+        port = self.server.server_address[1]
+        tab = self.browser.open(f"http://127.0.0.1:{port}/")
+        self.login_by_enter(tab)
+        for button, path in (("refreshBtn", "/users/refresh"), ("logoutBtn", "/users/logout")):
+            tab.click(button)
+            status = tab.result()
+            page = PageReader(tab.dom())
+            self.assertTrue(page.by_id["httpRequest"].startswith(
+                f"POST http://127.0.0.1:{port}{path}\n"), page.by_id["httpRequest"])
+            self.assertIn(page.by_id["httpStatus"].split(" ")[0], status)
+            self.assertNotEqual(page.by_id["httpStatus"], "no answer")
+            self.assertNotIn("Authorization", page.by_id["httpRequest"])   # a refresh token only
+        self.assertIn('"username": "test"', PageReader(tab.dom()).by_id["decodedPayload"])
+
+    def test_refresh_rotates_log_out_revokes_and_get_user_info_is_refused(self):
+        stub = LifecycleStub(self)
+        tab = self.browser.open((HERE / "test.html").as_uri() + f"?api={stub.url}")
+        self.login_by_enter(tab)
+        first = PageReader(tab.dom()).by_id["tokenView"].strip()
+        tab.click("refreshBtn")
+        self.assertEqual(tab.result(),
+                         "200 OK: a new access token (below) and a new refresh token.")
+        page = PageReader(tab.dom())
+        second = page.by_id["tokenView"].strip()
+        self.assertNotEqual(second, first)
+        self.assertEqual(stub.bodies["/users/refresh"], [{"refreshToken": stub.refresh_token(1)}])
+        self.assertIn('"refreshToken": "refresh-…cdef (kept in memory only)"', page.by_id["output"])
+        tab.click("logoutBtn")
+        self.assertTrue(tab.result().startswith("204: logged out."))
+        self.assertEqual(stub.bodies["/users/logout"], [{"refreshToken": stub.refresh_token(2)}])
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: session revoked")
+        page = PageReader(tab.dom())
+        self.assertIn("Authorization: Bearer " + second[:12] + "…", page.by_id["httpRequest"])
+        self.assertEqual(stub.bearer[-1], second)           # exactly the token in the box
+        self.assertFalse(tab.evaluate("Object.keys(localStorage).length"))
+
+
+class LifecycleStub(http.server.ThreadingHTTPServer):
+    """Stands in for issue 11's refresh / logout routes (as specified) until the server has them."""
+
+    def __init__(self, test):
+        super().__init__(("127.0.0.1", 0), LifecycleStubHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.bodies, self.bearer = {}, []
+        self.refresh_number, self.revoked = 1, False
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        test.addCleanup(thread.join)
+        test.addCleanup(self.server_close)
+        test.addCleanup(self.shutdown)
+
+    @staticmethod
+    def refresh_token(number):
+        return f"refresh-{number}-{'0123456789abcdef' * 2}"   # opaque, as long as a real one
+
+    def current_refresh_token(self):
+        return self.refresh_token(self.refresh_number)
+
+    def pair(self):
+        return {"token": token_for(jti=str(self.refresh_number)), "expiresIn": 3600,
+                "refreshToken": self.current_refresh_token(), "refreshExpiresIn": 1209600}
+
+
+class LifecycleStubHandler(http.server.BaseHTTPRequestHandler):
+
+    def answer(self, status, body=None):
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "authorization, content-type")
+        self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        if body is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_OPTIONS(self):
+        self.answer(204)
+
+    def do_GET(self):
+        self.server.bearer.append(self.headers.get("Authorization", "").partition(" ")[2])
+        if self.server.revoked:
+            self.answer(401, {"error": True, "name": "JsonWebTokenError",
+                              "message": "session revoked"})
+        else:
+            self.answer(200, {"id": 81623, "username": "test"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.setdefault(self.path, []).append(body)
+        stub = self.server
+        if self.path == "/users/authenticate":
+            self.answer(200, stub.pair())
+        elif (self.path == "/users/refresh"
+              and body.get("refreshToken") == stub.current_refresh_token()):
+            stub.refresh_number += 1
+            self.answer(200, stub.pair())
+        elif self.path == "/users/logout":
+            stub.revoked = True
+            self.answer(204)
+        else:
+            self.answer(401, {"error": True, "name": "RefreshTokenError",
+                              "message": "refresh token spent"})
+
+    def log_message(self, *args):
+        pass
 
 
 
