@@ -690,8 +690,8 @@ def add_user_record(path, username, password_hash, fields):
 
 
 # -- the rules for a new user: sign-up checks them before anything is written ---
+# (The username's rule is check_username's, above, the same as for users.json and adduser.)
 
-MAX_USERNAME_CHARS = 64
 # NIST SP 800-63B §5.1.1.2: at least 8 characters, no composition rules ("a digit and a
 # capital"), every printable character and Unicode allowed, and a check against passwords
 # known to be common. The ceiling only bounds the work: PBKDF2 hashes a long password
@@ -714,22 +714,6 @@ COMMON_PASSWORDS = frozenset("""
 PROFILE_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 MAX_PROFILE_FIELDS = 10
 MAX_PROFILE_CHARS = 200
-
-
-def check_username(name):
-    """ValueError unless name is 1-64 characters, none of them a space or a control character.
-
-    Any letters, not only ASCII ("café" is a name). No spaces or invisible characters:
-    two names that look alike on screen must not be two users.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError("username must be a non-empty string")
-    if len(name) > MAX_USERNAME_CHARS:
-        raise ValueError(f"username must be at most {MAX_USERNAME_CHARS} characters")
-    # isprintable() is False for control, format and unassigned characters and for every
-    # separator but " ", which isspace() catches.
-    if not name.isprintable() or any(character.isspace() for character in name):
-        raise ValueError("username must not contain spaces or control characters")
 
 
 def check_new_password(password, username):
@@ -1584,12 +1568,12 @@ def read_registration(request):
     profile = {name: value for name, value in fields.items()
                if name not in ("username", "password")}
     try:
-        check_username(username)
+        check_username(username, "sign-up")
         if password is None:
             raise ValueError("password must be base64, as for login")
         check_new_password(password, username)
         check_profile(profile)
-    except ValueError as error:
+    except (ValueError, ConfigError) as error:
         raise named_error(400, "ValidationError", str(error)) from None
     return username, password, profile
 

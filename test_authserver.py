@@ -1879,7 +1879,9 @@ class Browser:
         browser_in, self.commands = os.pipe()
         self.replies, browser_out = os.pipe()
         self.process = subprocess.Popen(
-            ["sh", "-c", f'exec "$@" 3<&{browser_in} 4>&{browser_out}', "sh", BROWSER,
+            # bash, not sh: dash takes one-digit descriptors only, and with a sessions
+            # database open these pipes are 10 and up.
+            ["bash", "-c", f'exec "$@" 3<&{browser_in} 4>&{browser_out}', "bash", BROWSER,
              "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
              "--disable-extensions", "--disable-background-networking", "--remote-debugging-pipe",
              "--user-data-dir=" + profile, "about:blank"],
@@ -2412,28 +2414,22 @@ class TestSignup(unittest.TestCase):
                                           login_body(f"pw-ok-{number}", password))[0], 200)
 
     def test_username_rules(self):
-        table = ["", " lead", "with space", "tab\there", "bell\x07", "zero\u200bwidth",
-                 "no\u00a0break", "line\u2028sep", "x" * 65]
-        for username in table:
+        # The rule is check_username's, the one users.json and adduser obey.
+        table = [("", "a username must be non-empty text, not ''"),
+                 ("x" * 65, "username 'xxxxxxxxxxxxxxxxxxxx'... is longer than 64 characters")]
+        table += [(name, f"username {name!r} contains whitespace or a control character")
+                  for name in (" lead", "with space", "tab\there", "bell\x07", "no\u00a0break",
+                               "line\u2028sep")]
+        for username, message in table:
             with self.subTest(username=username):
                 status, _, body = self.register(signup_body(username))
-                self.assertEqual((status, body["name"]), (400, "ValidationError"))
+                self.assertEqual((status, body), (400, {"error": True, "name": "ValidationError",
+                                                        "message": f"sign-up: {message}"}))
         self.assertEqual(self.register(signup_body("nul\x00"))[::2],
                          (400, {"message": "username and password must not contain NUL characters"}))
         for username in ["y" * 64, "名前", "café-au-lait", "o'brien"]:
             with self.subTest(username=username):
                 self.assertEqual(self.register(signup_body(username))[0], 201)
-
-    def test_check_username_messages(self):
-        for name, message in [("", "username must be a non-empty string"),
-                              (None, "username must be a non-empty string"),
-                              ("a" * 65, "username must be at most 64 characters"),
-                              ("a b", "username must not contain spaces or control characters"),
-                              ("a\x1bb", "username must not contain spaces or control characters")]:
-            with self.subTest(name=name), self.assertRaises(ValueError) as caught:
-                authserver.check_username(name)
-            self.assertEqual(str(caught.exception), message)
-        self.assertIsNone(authserver.check_username("Ünïcødé"))
 
     def test_wrong_types_and_fields_are_400(self):
         table = [
