@@ -6,6 +6,7 @@ Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 
 import base64
 import hashlib
+import hmac
 import http
 import http.client
 import http.server
@@ -14,6 +15,7 @@ import json
 import os
 import runpy
 import re
+import queue
 import select
 import shutil
 import signal
@@ -136,7 +138,10 @@ def raw_exchange(server, data, timeout=10):
         return read_response(sock)
 
 
-def read_response(sock):
+def read_response(sock, timeout=10):
+    """One response from sock: (status, headers, body). Never waits for ever."""
+    if sock.gettimeout() is None:
+        sock.settimeout(timeout)        # a broken server fails the test instead of hanging it
     buffer = b""
     while b"\r\n\r\n" not in buffer:
         chunk = sock.recv(65536)
@@ -356,14 +361,6 @@ class TestPasswords(unittest.TestCase):
         self.assertEqual(pbkdf2.call_args[0][3], 600000)
         self.assertNotEqual(hash_password("x", 1000), hash_password("x", 1000))   # salted
 
-    def test_shipped_users_hold_hashes_of_the_tutorial_passwords(self):
-        users = json.loads((HERE / "users.json").read_text())
-        self.assertEqual([user["username"] for user in users], ["test", "ncuser"])
-        for user, password in zip(users, ("test", "ncpassword")):
-            self.assertNotIn("password", user)
-            self.assertTrue(user["passwordHash"].startswith("pbkdf2_sha256$600000$"))
-            self.assertTrue(verify_password(password, user["passwordHash"]))
-
     def test_no_password_field_is_ever_public(self):
         record = {"id": 1, "username": "u", "passwordHash": "x", "oldPassword": "y",
                   "PASSWORD_HINT": "z", "email": "u@example.org"}
@@ -420,11 +417,6 @@ class TestConfig(unittest.TestCase):
             with self.subTest(setting), self.assertRaises(authserver.ConfigError) as caught:
                 authserver.load_config(Files(self, **setting).config)
             self.assertIn(next(iter(setting)), str(caught.exception))
-
-    def test_shipped_config_has_no_secret(self):
-        config = json.loads((HERE / "config.json").read_text())
-        self.assertEqual(config["secret"], "")
-        self.assertEqual(config["port"], 4000)
 
 
 class TestUsersFile(unittest.TestCase):
@@ -777,15 +769,21 @@ HOSTILE = [
 ]
 
 
-class TestHostileHTTP(unittest.TestCase):
+class SharedServerCase(unittest.TestCase):
+    """One server for all the tests of a class, with the settings in server_config."""
+
+    server_config = {}
 
     @classmethod
     def setUpClass(cls):
-        cls.server = start_server(cls)
+        cls.server = start_server(cls, **cls.server_config)
 
     @classmethod
     def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
         cls.addClassCleanup(function, *args, **kwargs)
+
+
+class TestHostileHTTP(SharedServerCase):
 
     def test_each_hostile_request_gets_its_status_in_json(self):
         for description, request, expected in HOSTILE:
@@ -1026,32 +1024,65 @@ HExNnE4XTKGPLKUwJ7RHJQ0JHGjvfr9Th1Q4ZFG13QrnUCP+o9YHSGp3
 # The command line, as a subprocess
 # ---------------------------------------------------------------------------
 
-def run_cli(*args, stdin="", timeout=60):
+def run_cli(*args, stdin="", timeout=30):
     return subprocess.run([sys.executable, str(HERE / "authserver.py"), *map(str, args)],
                           input=stdin, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "NO_COLOR": "1"})
 
 
 class ServerProcess:
-    """python authserver.py ... as a subprocess; the port read from its banner."""
+    """python authserver.py ... as a subprocess; the port read from its banner.
+
+    Its output is read by two threads into queues, so that every read here has a timeout
+    (a pipe has none): a server that hangs fails the test instead of hanging the suite.
+    """
 
     def __init__(self, test, *args):
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "authserver.py"), "--port", "0", *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         test.addCleanup(self.close)
-        self.banner = [self.process.stdout.readline()]
+        self.lines = {"stdout": queue.Queue(), "stderr": queue.Queue()}
+        self.pumps = [threading.Thread(target=self.pump, args=(stream, self.lines[name]),
+                                       daemon=True)
+                      for name, stream in (("stdout", self.process.stdout),
+                                           ("stderr", self.process.stderr))]
+        for pump in self.pumps:
+            pump.start()
+        self.banner = [self.readline()]
         while not self.banner[-1].startswith("Ctrl-C"):
-            line = self.process.stdout.readline()
+            line = self.readline()
             if not line:
-                raise AssertionError(f"server did not start: {self.process.stderr.read()}")
+                raise AssertionError(f"server did not start: {self.read_rest('stderr')}")
             self.banner.append(line)
         self.port = int(self.banner[1].strip().split()[0].rsplit(":", 1)[1])
+
+    @staticmethod
+    def pump(stream, lines):
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+        lines.put("")                                   # end of output
+
+    def readline(self, stream="stdout", timeout=20):
+        """The next line the server wrote on stream; "" at its end; fails after timeout."""
+        try:
+            return self.lines[stream].get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line on the server's {stream} in {timeout} s") from None
+
+    def read_rest(self, stream, timeout=20):
+        """Everything left on stream up to its end (the process must be ending)."""
+        lines = []
+        while not lines or lines[-1]:
+            lines.append(self.readline(stream, timeout))
+        return "".join(lines)
 
     def close(self):
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait()
+        self.process.wait(timeout=20)
+        for pump in self.pumps:
+            pump.join(timeout=20)
         self.process.stdout.close()
         self.process.stderr.close()
 
@@ -1201,6 +1232,10 @@ class TestCommandLine(unittest.TestCase):
             os.close(follower)
             output = b""
             while True:
+                # A pty has no timeout of its own: wait for output at most 30 s.
+                if not select.select([leader], [], [], 30)[0]:
+                    process.kill()
+                    self.fail(f"explain wrote nothing for 30 s: {output!r}")
                 try:
                     chunk = os.read(leader, 65536)
                 except OSError:                     # the terminal closed: the program ended
@@ -1227,7 +1262,7 @@ class TestCommandLine(unittest.TestCase):
         server = ServerProcess(self, "--config", files.config, "--users", files.users)
         authserver.save_users(files.users, TEST_USERS[:1])
         server.process.send_signal(signal.SIGHUP)
-        self.assertIn("users file reloaded: 1 users", server.process.stderr.readline())
+        self.assertIn("users file reloaded: 1 users", server.readline("stderr"))
         status, _, body = raw_exchange(server.port, post(json.dumps(login_body("ncuser", "ncpassword"))))
         self.assertEqual(status, 400)
 
@@ -1236,8 +1271,8 @@ class TestCommandLine(unittest.TestCase):
         server = ServerProcess(self, "--config", files.config, "--users", files.users)
         server.process.send_signal(signal.SIGINT)
         self.assertEqual(server.process.wait(timeout=10), 0)
-        self.assertEqual(server.process.stdout.read(), "authserver stopped.\n")
-        self.assertNotIn("Traceback", server.process.stderr.read())
+        self.assertEqual(server.read_rest("stdout"), "authserver stopped.\n")
+        self.assertNotIn("Traceback", server.read_rest("stderr"))
 
     def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(self):
         files = Files(self)
@@ -1248,7 +1283,7 @@ class TestCommandLine(unittest.TestCase):
                          b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
             self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")   # in flight now
             server.process.send_signal(signal.SIGTERM)
-            line = server.process.stderr.readline()
+            line = server.readline("stderr")
             self.assertIn("stopping: waiting for 1 request(s) in flight", line)
             with self.assertRaises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
@@ -1257,7 +1292,7 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual((status, headers["connection"]), (200, "close"))
         self.assertIn("token", json.loads(answer))
         self.assertEqual(server.process.wait(timeout=10), 0)
-        self.assertIn("authserver stopped.", server.process.stdout.read())
+        self.assertIn("authserver stopped.", server.read_rest("stdout"))
 
 
 # authserver run as if on Windows: no fcntl, and an msvcrt whose byte-range lock is made of
@@ -2869,6 +2904,397 @@ class TestOpenAPI(unittest.TestCase):
             for part in reference.lstrip("#/").split("/"):
                 target = target[part]
 
+
+# ---------------------------------------------------------------------------
+# Login limits under concurrency, config numbers, and tests that catch broken code
+# ---------------------------------------------------------------------------
+
+class HeldChecks:
+    """verify_password, wrapped: records every password check started and holds it until
+    release is set, so that no check can finish (and be counted) before all have arrived."""
+
+    def __init__(self):
+        self.started, self.lock, self.release = [], threading.Lock(), threading.Event()
+        self.original = authserver.verify_password
+
+    def __call__(self, password, encoded):
+        with self.lock:
+            self.started.append(password)
+        self.release.wait(30)
+        return self.original(password, encoded)
+
+
+def login_burst(test, server, bodies):
+    """One login per body, each on its own connection, all sent at once (a Barrier), with
+    every password check held until each request is being checked or has been answered.
+    Returns (the passwords whose check started, [(status, headers, body)] in body order)."""
+    held = HeldChecks()
+    server.hashing = threading.BoundedSemaphore(len(bodies))   # count checks, not queueing
+    port, results = server.server_address[1], [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies), timeout=30)
+
+    def send(index, body):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            request = post(json.dumps(body))
+            barrier.wait()
+            sock.sendall(request)
+            results[index] = read_response(sock, 30)
+    with mock.patch.object(authserver, "verify_password", held):
+        threads = [threading.Thread(target=send, args=pair, daemon=True)
+                   for pair in enumerate(bodies)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        try:
+            while len(held.started) + sum(result is not None for result in results) < len(bodies):
+                test.assertLess(time.monotonic(), deadline, "the logins never all arrived")
+                time.sleep(0.01)
+        finally:
+            held.release.set()
+            for thread in threads:
+                thread.join(30)
+    test.assertNotIn(None, results, "a login got no answer")
+    return held.started, results
+
+
+class TestLimitsConcurrentLogins(unittest.TestCase):
+    """No more than the limit of password checks may START in a window, however many
+    requests arrive together."""
+
+    def assert_429(self, result, window):
+        status, headers, body = result
+        wait = int(headers["retry-after"])
+        self.assertTrue(1 <= wait <= window + 1, wait)
+        self.assertEqual((status, json.loads(body)),
+                         (429, {"message": f"Too many failed logins; try again in {wait} seconds"}))
+
+    def test_100_guesses_at_once_start_at_most_login_attempts_checks(self):
+        server = start_server(self, loginAttempts=5, loginWindow=60)
+        bodies = [login_body("test", f"guess-{n}") for n in range(99)]
+        bodies.insert(50, login_body("test", "test"))              # one right password
+        started, results = login_burst(self, server, bodies)
+        # Exactly 5: every request reached the limiter before any check could finish.
+        self.assertEqual(len(started), 5, started)
+        right = started.count("test")                               # 1 if it was among them
+        statuses = [status for status, _, _ in results]
+        self.assertEqual({code: statuses.count(code) for code in set(statuses)},
+                         {code: count for code, count in ((429, 95), (400, 5 - right), (200, right))
+                          if count})
+        for result in results:
+            if result[0] == 429:
+                self.assert_429(result, 60)
+        if right:
+            self.assertEqual(results[50][0], 200)
+
+    def test_an_address_starts_at_most_address_login_attempts_checks(self):
+        server = start_server(self, loginAttempts=5, addressLoginAttempts=4, loginWindow=60)
+        bodies = [login_body(f"user-{n}", "guess") for n in range(20)]   # 20 names, 1 address
+        started, results = login_burst(self, server, bodies)
+        self.assertEqual(len(started), 4, started)
+        statuses = [status for status, _, _ in results]
+        self.assertEqual((statuses.count(400), statuses.count(429)), (4, 16))
+        for result in results:
+            if result[0] == 429:
+                self.assert_429(result, 60)
+
+
+class TestLimitsPerUserAndAddress(unittest.TestCase):
+
+    def statuses(self, server, logins, source=None):
+        """The status of each (username, password) login, in turn, from address source."""
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                                timeout=10, source_address=source)
+        self.addCleanup(connection.close)
+        statuses = []
+        for login in logins:
+            connection.request("POST", "/users/authenticate", json.dumps(login_body(*login)),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        return statuses
+
+    def test_user_and_address_limits_are_separate(self):
+        server = start_server(self, loginAttempts=2, addressLoginAttempts=5)
+        # Two typos lock "test" out, but not the neighbour "ncuser" on the same address ...
+        self.assertEqual(self.statuses(server, [("test", "x"), ("test", "y"), ("test", "test"),
+                                                ("ncuser", "ncpassword")]),
+                         [400, 400, 429, 200])
+        # ... until the address has started 5 checks that were not right (the 429 and the
+        # 200 do not count): then everyone on it waits.
+        self.assertEqual(self.statuses(server, [("a", "x"), ("b", "x"), ("c", "x"),
+                                                ("ncuser", "ncpassword")]),
+                         [400, 400, 400, 429])
+        try:
+            other = self.statuses(server, [("ncuser", "ncpassword"), ("test", "test")],
+                                  source=("127.0.0.2", 0))
+        except OSError as error:                 # 127.0.0.2 is not local on every system
+            self.skipTest(f"no second loopback address: {error}")
+        # Another address is served; the username stays locked wherever it comes from.
+        self.assertEqual(other, [200, 429])
+
+    def test_a_right_password_resets_the_user_and_is_not_held_against_the_address(self):
+        server = start_server(self, loginAttempts=3, addressLoginAttempts=100)
+        right, wrong = ("test", "test"), ("test", "wrong")
+        self.assertEqual(self.statuses(server, [wrong, wrong, right, wrong, wrong, right]),
+                         [400, 400, 200, 400, 400, 200])
+        server = start_server(self, loginAttempts=100, addressLoginAttempts=2)
+        self.assertEqual(self.statuses(server, [right, ("ncuser", "ncpassword")] * 3), [200] * 6)
+
+    def test_limiter_drops_the_least_recently_used_key_when_full(self):
+        limiter = authserver.LoginLimiter({"user": 1}, window=60, max_keys=3)
+        for name in "abcd":
+            self.assertEqual(limiter.reserve([("user", name)], 1000), 0)
+        self.assertEqual(list(limiter.started), [("user", "b"), ("user", "c"), ("user", "d")])
+        self.assertEqual(limiter.reserve([("user", "d")], 1001), 60)    # the newest is kept
+        self.assertEqual(limiter.reserve([("user", "a")], 1001), 0)     # the oldest forgotten
+
+    def test_a_refused_key_counts_nothing_against_the_others(self):
+        limiter = authserver.LoginLimiter({"user": 1, "address": 10}, window=60)
+        keys = [("user", "a"), ("address", "x")]
+        self.assertEqual(limiter.reserve(keys, 1000), 0)
+        self.assertEqual(limiter.reserve(keys, 1001), 60)
+        self.assertEqual(len(limiter.started[("address", "x")]), 1)
+        limiter.release(("address", "x"), 1000)
+        self.assertEqual(len(limiter.started[("address", "x")]), 0)
+
+
+class TestLimitsConfigNumbers(unittest.TestCase):
+
+    def load(self, text):
+        files = Files(self)
+        files.config.write_text(text)
+        return files, authserver.load_config(files.config)
+
+    def assert_refused(self, text, name):
+        files = Files(self)
+        files.config.write_text(text)
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.load_config(files.config)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith(f"config file {files.config}: {name} must be "),
+                        message)
+        self.assertNotIn("\n", message)
+
+    def test_whole_numbers_and_numbers_and_booleans(self):
+        max_iterations = authserver.MAX_ITERATIONS
+        for name, value in (("loginAttempts", 2.5), ("passwordIterations", 1000.0),
+                            ("port", 4000.0), ("maxBodyBytes", True), ("maxBodyBytes", 0),
+                            ("addressLoginAttempts", 0), ("addressLoginAttempts", "50"),
+                            ("addressLoginAttempts", 2.0), ("loginWindow", 1.5),
+                            ("loginAttempts", 10 ** 30), ("passwordIterations", max_iterations + 1),
+                            ("leeway", -1), ("leeway", True), ("requestTimeout", 0),
+                            ("shutdownGrace", "10"), ("shutdownGrace", 10 ** 9),
+                            ("accessLog", "false"), ("accessLog", 0), ("accessLog", None),
+                            ("tokenLifetime", "forever"), ("tokenLifetime", "9" * 5000)):
+            with self.subTest(name=name, value=str(value)[:20]):
+                self.assert_refused(json.dumps({"secret": SECRET, name: value}), name)
+        # What Python's json reads as inf or nan is no number of seconds either.
+        for text in ("1e400", "-1e400", "NaN", "Infinity"):
+            with self.subTest(text):
+                self.assert_refused(f'{{"leeway": {text}}}', "leeway")
+        files, config = self.load(json.dumps({"leeway": 0.5, "requestTimeout": 2.5,
+                                              "shutdownGrace": 0.5, "passwordIterations": 1000,
+                                              "accessLog": False}))
+        self.assertEqual((config["leeway"], config["requestTimeout"], config["shutdownGrace"],
+                          config["loginAttempts"], config["addressLoginAttempts"]),
+                         (0.5, 2.5, 0.5, 5, 50))
+
+    def test_command_line_port_and_config_errors_are_one_line_exit_2(self):
+        files = Files(self)
+        for port in ("99999", "-1", "65536"):
+            with self.subTest(port=port):
+                result = run_cli("--port", port, "--config", files.config, "--users", files.users)
+                self.assertEqual((result.returncode, result.stderr),
+                                 (2, "authserver: --port: port must be a whole number "
+                                     "from 0 to 65535\n"))
+        for setting, message in (({"accessLog": "false"}, "accessLog must be true or false"),
+                                 ({"tokenLifetime": "1w"}, "tokenLifetime must be")):
+            with self.subTest(setting):
+                bad = Files(self, **setting)
+                result = run_cli("--config", bad.config, "--users", bad.users)
+                self.assertEqual(result.returncode, 2)
+                self.assertTrue(result.stderr.startswith(
+                    f"authserver: config file {bad.config}: {message}"), result.stderr)
+                self.assertEqual(result.stderr.count("\n"), 1)
+
+
+def signed(payload_text):
+    """A token whose payload is exactly this JSON text (json.dumps cannot write 1e400)."""
+    payload = b64url_encode(payload_text.encode())
+    signature = b64url_encode(authserver.sign(f"{HEAD}.{payload}".encode(), SECRET.encode()))
+    return f"{HEAD}.{payload}.{signature}"
+
+
+class TestLimitsHugeNumbers(SharedServerCase):
+    """No number makes a 500: claims beyond a float beside a fractional leeway, JSON numbers
+    Python reads as infinity, a Content-Length of thousands of digits."""
+
+    server_config = {"leeway": 0.5}
+
+    def get_info(self, token):
+        status, _, body = raw_exchange(
+            self.server, f"GET /users/getInfo HTTP/1.1\r\nx-access-token: {token}\r\n\r\n".encode())
+        return status, json.loads(body)
+
+    def test_claim_values_beyond_a_float(self):
+        now = int(time.time())
+        head = f'"id":81623,"username":"test","iat":{now}'
+        huge = "1" + "0" * 309
+        cases = [
+            (f'{{{head},"exp":{huge}}}', 200, None),
+            (f'{{{head},"exp":-{huge}}}', 401, "jwt expired"),
+            (f'{{{head},"exp":{now + 60},"nbf":{huge}}}', 401, "jwt not active"),
+            (f'{{"id":81623,"username":"test","iat":{huge},"exp":{now + 60}}}', 401,
+             "jwt not active"),
+            (f'{{{head},"exp":1e400}}', 401, "invalid exp value"),
+            (f'{{{head},"exp":{now + 60},"nbf":-1e400}}', 401, "invalid nbf value"),
+            (f'{{"id":81623,"username":"test","iat":-1e400,"exp":{now + 60}}}', 401,
+             "invalid iat value"),
+        ]
+        for payload, status, message in cases:
+            with self.subTest(payload[-40:]):
+                answer = self.get_info(signed(payload))
+                self.assertEqual(answer[0], status, answer)
+                if message:
+                    self.assertEqual(answer[1]["message"], message)
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+
+    def test_content_length_of_any_length_is_400_or_413(self):
+        for digits, status, message in (
+                ("9" * 4301, 413, "Body larger than 16384 bytes"),
+                ("1" + "0" * 10000, 413, "Body larger than 16384 bytes"),
+                ("16385", 413, "Body larger than 16384 bytes"),
+                ("0" * 5000 + "2", 400, "username and password are required")):
+            with self.subTest(digits=digits[:10], length=len(digits)):
+                request = ("POST /users/authenticate HTTP/1.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {digits}\r\n\r\n{{}}").encode()
+                answer = raw_exchange(self.server, request)
+                self.assertEqual((answer[0], json.loads(answer[2])), (status, {"message": message}))
+
+
+def header_value(head, name):
+    """The value of header name in a raw response head, or None."""
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+class TestLimitsCatchMutations(SharedServerCase):
+    """Each test here fails for a plausible wrong change to authserver.py that the rest of
+    the suite would let through."""
+
+    def test_signature_is_compared_with_compare_digest(self):
+        with mock.patch("hmac.compare_digest", wraps=hmac.compare_digest) as spy:
+            self.assertEqual(decode_token(VALID, SECRET, now=NOW), GOOD_CLAIMS)
+        self.assertIn(SIGNATURE, [argument for call in spy.call_args_list for argument in call[0]])
+
+    def test_leeway_applies_to_iat(self):
+        early = forge(GOOD_HEADER, dict(GOOD_CLAIMS, iat=NOW + 5))
+        self.assertEqual(decode_token(early, SECRET, now=NOW, leeway=10)["iat"], NOW + 5)
+        with self.assertRaises(authserver.NotBeforeError):
+            decode_token(early, SECRET, now=NOW, leeway=4)
+
+    def test_audience_may_be_a_list(self):
+        for aud, accepted in ((["web", "app"], True), ("app", True), (["web"], False), ([], False)):
+            with self.subTest(aud=aud):
+                token = forge(GOOD_HEADER, dict(GOOD_CLAIMS, aud=aud))
+                if accepted:
+                    claims = decode_token(token, SECRET, now=NOW, audience="app")
+                    self.assertEqual(claims["aud"], aud)
+                else:
+                    with self.assertRaises(TokenError):
+                        decode_token(token, SECRET, now=NOW, audience="app")
+
+    def test_head_answer_has_no_body(self):
+        for path, headers in (("/users/getInfo", f"x-access-token: {token_for()}\r\n"), ("/", "")):
+            with self.subTest(path), socket.create_connection(
+                    ("127.0.0.1", self.server.server_address[1]), timeout=10) as sock:
+                sock.sendall(f"HEAD {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n".encode())
+                received = b""
+                while True:                                     # to the end: the server closes
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                head, _, body = received.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+                self.assertGreater(int(header_value(head, "content-length")), 0)
+                self.assertEqual(body, b"")
+
+    def test_nul_in_credentials_has_its_own_message(self):
+        for body in ('{"username":"te\\u0000st","password":"dGVzdA=="}',
+                     '{"username":"test","password":"dGVz\\u0000dA=="}'):
+            with self.subTest(body):
+                status, _, answer = raw_exchange(self.server, post(body))
+                self.assertEqual((status, json.loads(answer)), (400, {
+                    "message": "username and password must not contain NUL characters"}))
+
+    def test_transfer_encoding_with_content_length_is_refused(self):
+        request = post(json.dumps(login_body()), extra="Transfer-Encoding: chunked\r\n")
+        status, headers, body = raw_exchange(self.server, request)
+        self.assertEqual((status, json.loads(body), headers["connection"]), (411, {
+            "message": "Send a Content-Length; chunked bodies are not accepted"}, "close"))
+
+    def test_control_characters_in_header_values_are_refused(self):
+        for value in (b"a\x00b", b"a\x01b", b"a\x1bb", b"a\rb", b"a\x7fb"):
+            with self.subTest(value=value):
+                status, _, body = raw_exchange(self.server,
+                                               b"GET / HTTP/1.1\r\nX-Note: " + value + b"\r\n\r\n")
+                self.assertEqual((status, json.loads(body)), (400, {"message": "Bad header line"}))
+        tab = raw_exchange(self.server, b"GET / HTTP/1.1\r\nX-Note: a\tb\r\n\r\n")
+        self.assertEqual(tab[0], 200)                   # a tab is allowed (RFC 9110 §5.5)
+
+    def test_secret_needs_32_bytes(self):
+        for text, accepted in (("x" * 31, False), ("x" * 32, True), ("é" * 15, False),
+                               ("é" * 16, True)):
+            with self.subTest(length=len(text.encode())):
+                files = Files(self, secret=text)
+                config = authserver.load_config(files.config)
+                if accepted:
+                    self.assertEqual(authserver.load_secret(config), text.encode())
+                else:
+                    with self.assertRaises(authserver.ConfigError):
+                        authserver.load_secret(config)
+
+    def test_duplicate_user_ids_refused(self):
+        files = Files(self, users=[make_user(7, "ann", "x"), make_user(7, "bob", "y")])
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.UserStore(files.users)
+        self.assertIn("id 7 is twice", str(caught.exception))
+        files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
+        self.assertEqual(len(authserver.UserStore(files.users).tables[1]), 2)  # 7 is not "7"
+
+    def test_pbkdf2_iterations_are_capped(self):
+        digest = base64.b64encode(bytes(32)).decode()
+        at_cap = f"pbkdf2_sha256${authserver.MAX_ITERATIONS}$salt${digest}"
+        over = f"pbkdf2_sha256${authserver.MAX_ITERATIONS + 1}$salt${digest}"
+        self.assertEqual(authserver.split_password_hash(at_cap)[0], authserver.MAX_ITERATIONS)
+        with mock.patch("hashlib.pbkdf2_hmac") as pbkdf2:
+            with self.assertRaises(ValueError):
+                verify_password("x", over)                 # refused before any hashing
+        pbkdf2.assert_not_called()
+        files = Files(self, users=[{"id": 1, "username": "slow", "passwordHash": over}])
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.UserStore(files.users)
+        self.assertIn("'slow' has no valid passwordHash", str(caught.exception))
+
+
+class TestLimitsShippedFiles(unittest.TestCase):
+
+    def test_shipped_files_have_the_right_shape(self):
+        """The one test that reads the shipped users.json and config.json, for their shape
+        only: a newcomer's passwd or adduser must leave the suite green."""
+        users_path = HERE / "users.json"
+        users = json.loads(users_path.read_text(encoding="utf-8"))
+        authserver.check_users(users, users_path)      # hashes, never plaintext; unique
+        for user in users:
+            self.assertEqual([name for name in user if "password" in name.lower()],
+                             ["passwordHash"])
+        config = authserver.load_config(HERE / "config.json")
+        self.assertEqual(config["secret"], "")          # no secret ships with the code
 
 if __name__ == "__main__":
     unittest.main()
