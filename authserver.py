@@ -950,10 +950,13 @@ class SessionStoreError(Exception):
     """The sessions file cannot be read or written right now (503, never a token)."""
 
 
+# What a login or a refresh hands out: the session, its new refresh token, and the time the
+# access token that goes with it is issued at (its iat).
 Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at")
 
 
 def refresh_token_hash(token):
+    """What the file keeps instead of the token: its SHA-256."""
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
@@ -971,7 +974,7 @@ class SessionStore:
     """Sessions in SQLite, and in memory the ids of the live ones, for require_token.
 
     One connection behind a lock, not one per thread: SQLite lets one writer in at a time
-    anyway, a Python lock queues our threads fairly where SQLite's busy handler would have
+    anyway, a Python lock queues our threads in turn where SQLite's busy handler would have
     them sleep and poll, and the in-memory set changes under the same lock as the rows.
     Two processes (a second server, the CLI) are kept apart by BEGIN IMMEDIATE.
     """
@@ -988,10 +991,13 @@ class SessionStore:
         self.dead = set()           # sids known to be gone: refused without asking the file
         try:
             self.connection = self.connect()
-            with self.lock:
-                self.data_version = self.query_one("PRAGMA data_version")[0]
-                self.live = self.live_ids(time.time())
         except (sqlite3.Error, OSError) as error:
+            raise ConfigError(f"sessions file {self.path}: {error}") from None
+        try:
+            self.data_version = self.query_one("PRAGMA data_version")[0]
+            self.live = self.live_ids(time.time())
+        except sqlite3.Error as error:
+            self.connection.close()
             raise ConfigError(f"sessions file {self.path}: {error}") from None
 
     def connect(self):
@@ -1164,7 +1170,8 @@ class SessionStore:
                                 (refresh_token_hash(refresh_token), session_id))
         self.connection.execute(
             "DELETE FROM spent WHERE session_id = ? AND rowid NOT IN (SELECT rowid FROM spent "
-            "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)", (session_id, session_id, SPENT_KEPT))
+            "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)",
+            (session_id, session_id, SPENT_KEPT))
         return Renewal(session_id, username, successor_token, int(now))
 
     def end_by_token(self, refresh_token):
@@ -1197,7 +1204,8 @@ class SessionStore:
             try:
                 rows = self.connection.execute(
                     "SELECT id, created, last_used, expires, address, user_agent FROM sessions "
-                    "WHERE username = ? AND expires > ? ORDER BY created", (username, now)).fetchall()
+                    "WHERE username = ? AND expires > ? ORDER BY created",
+                    (username, now)).fetchall()
             except sqlite3.Error as error:
                 raise SessionStoreError(str(error)) from None
         return [{"id": row[0], "created": int(row[1]), "lastUsed": int(row[2]),
@@ -2132,6 +2140,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
         super().__init__(address, AuthRequestHandler)
         threading.Thread(target=self.cut_off_slow_clients, daemon=True).start()
 
+    def server_close(self):
+        super().server_close()
+        if getattr(self, "sessions", None) is not None:
+            self.sessions.close()
+
     def server_bind(self):
         # http.server looks up the host's full DNS name here, which can take seconds.
         socketserver.TCPServer.server_bind(self)
@@ -2220,6 +2233,7 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     try:
         server = AuthServer((host, port), config, users, key, tls_context, log_stream)
     except OSError as error:
+        sessions.close()
         raise ConfigError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
     users.log = server.log          # reloads are worth a line in the server's log
     server.sessions = sessions
@@ -2362,15 +2376,63 @@ def change_password(args):
     """python authserver.py passwd NAME: a new password hash, every other field kept."""
     path = Path(args.users or HERE / "users.json")
     find_user_record(read_users_list(path), args.username, path)     # before the prompt
-    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    with contextlib.closing(open_sessions(load_config(args.config or HERE / "config.json"))) \
+            as sessions:
+        password_hash = hash_password(read_new_password(), iterations_from(args.config))
 
-    def set_hash(users):
-        user = find_user_record(users, args.username, path)
-        user.pop("password", None)
-        user["passwordHash"] = password_hash
+        def set_hash(users):
+            user = find_user_record(users, args.username, path)
+            user.pop("password", None)
+            user["passwordHash"] = password_hash
 
-    update_users_file(path, set_hash)
-    print(f"password changed for {args.username!r} in {path}")
+        update_users_file(path, set_hash)
+        # Whoever was logged in with the old password is logged out: often why it changed.
+        ended = end_sessions(sessions, args.username)
+    print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
+    return 0
+
+# -- sessions -------------------------------------------------------------------
+
+def end_sessions(sessions, username, session_id=None):
+    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+    try:
+        return sessions.end_for_user(username, session_id)
+    except SessionStoreError as error:
+        raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+
+
+def sessions_for_command(args):
+    """The SessionStore, once the user is found in the users file; ConfigError if not."""
+    users = UserStore(args.users or HERE / "users.json")
+    if users.find_by_name(args.username)[0] is None:
+        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    return open_sessions(load_config(args.config or HERE / "config.json"))
+
+
+def list_sessions_command(args):
+    """python authserver.py sessions NAME: the user's live sessions."""
+    with contextlib.closing(sessions_for_command(args)) as sessions:
+        try:
+            found = sessions.sessions_of(args.username, time.time())
+        except SessionStoreError as error:
+            raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+    if not found:
+        print(f"no live sessions for {args.username!r}")
+    for session in found:
+        print(f"{session['id']}  created {log_time(session['created'])}  "
+              f"last used {log_time(session['lastUsed'])}  expires {log_time(session['expires'])}  "
+              f"{session['address'] or '-'}  {session['userAgent'] or '-'}")
+    return 0
+
+
+def revoke_command(args):
+    """python authserver.py revoke NAME [SESSION]: end all the user's sessions, or one."""
+    with contextlib.closing(sessions_for_command(args)) as sessions:
+        ended = end_sessions(sessions, args.username, args.session)
+    if args.session and not ended:
+        raise ConfigError(f"no session {args.session!r} for user {args.username!r}")
+    print(f"{ended} session(s) of {args.username!r} revoked; their access tokens are refused "
+          f"within a second")
     return 0
 
 
@@ -2501,6 +2563,49 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.step(6, f"Find the user in {shown}  (require_token)")
     users.user_for(claims)
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
+    explain_session(claims, config, narrator)
+
+
+def explain_session(claims, config, narrator):
+    """Step 7: a token that names a session is good only while the session lives."""
+    narrator.step(7, "Is the session still live?  (check_session)")
+    if "sid" not in claims:
+        narrator.say("   no sid: a token without a session (made by the token command, or "
+                     "before sessions existed)")
+        narrator.check(True, "nothing to revoke it by: it is good until its exp")
+        return
+    narrator.say(f"   sid {claims['sid']!r}, looked up in {config['sessionsFile']}")
+    try:
+        with contextlib.closing(open_sessions(config)) as sessions:
+            check_session(sessions, claims)
+    except HTTPError as error:
+        raise ConfigError(f"sessions file {config['sessionsFile']}: {error}") from None
+    narrator.check(True, "the session is live: nobody logged it out or revoked it")
+
+
+def explain_refresh_token(token, config, narrator):
+    """What a refresh token is, and whether this server's database knows it."""
+    narrator.step(1, "This is a refresh token, not a JWT")
+    narrator.say("   43 base64url characters = 32 random bytes from secrets. No header, no")
+    narrator.say("   claims, no signature: nothing in it can be read or checked on its own.")
+    narrator.say("   It means something only to the server that keeps its SHA-256 in the")
+    narrator.say("   sessions file, which is exactly what makes it revocable: delete the")
+    narrator.say("   row and it is worthless. A JWT, checked by its signature alone, cannot be.")
+    narrator.step(2, f"Look up its SHA-256 in {config['sessionsFile']}  (SessionStore.renew)")
+    digest = refresh_token_hash(token)
+    narrator.say(f"   sha256 {digest.hex()}")
+    with contextlib.closing(open_sessions(config)) as sessions, sessions.lock:
+        row = sessions.query_one("SELECT id, username, expires FROM sessions "
+                                 "WHERE refresh_hash = ?", (digest,))
+        spent = sessions.query_one("SELECT 1 FROM spent WHERE hash = ?", (digest,))
+    if row is None:
+        raise (RefreshTokenReuseError("refresh token already used: presenting it revokes "
+                                      "its session") if spent else
+               RefreshTokenError("refresh token not recognised (revoked or never issued)"))
+    if row[2] <= time.time():
+        raise RefreshTokenError("refresh token expired; log in again")
+    narrator.check(True, f"the current refresh token of session {row[0]!r}, user {row[1]!r}; "
+                         f"{describe_time('expires', int(row[2]), time.time())}")
 
 
 # What devtools and curl show is the whole header line, and that is what gets copied.
@@ -2543,6 +2648,20 @@ def explain(args):
                      f"'{after}'.")
         narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
                      "jwt malformed.)")
+    if REFRESH_TOKEN_SHAPE.fullmatch(token):
+        try:
+            explain_refresh_token(token, config, narrator)
+        except RefreshTokenError as error:
+            narrator.check(False, f"{error.name}: {error}")
+            narrator.say()
+            narrator.say(narrator.paint(
+                f"Verdict: POST /users/refresh answers 401 "
+                f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
+            return 1
+        narrator.say()
+        narrator.say(narrator.paint("Verdict: valid. POST /users/refresh would renew it "
+                                    "(and spend it).", "ok"))
+        return 0
     try:
         explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:
@@ -2586,6 +2705,16 @@ def build_parser():
     passwd = commands.add_parser("passwd", parents=[files], help="change a user's password")
     passwd.add_argument("username")
     passwd.set_defaults(action=change_password)
+
+    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions")
+    sessions.add_argument("username")
+    sessions.set_defaults(action=list_sessions_command)
+
+    revoke = commands.add_parser("revoke", parents=[files],
+                                 help="revoke a user's sessions (all, or the one given)")
+    revoke.add_argument("username")
+    revoke.add_argument("session", nargs="?", help="a session id from the sessions command")
+    revoke.set_defaults(action=revoke_command)
 
     token = commands.add_parser("token", parents=[files], help="print a token for a user")
     token.add_argument("username")

@@ -1914,8 +1914,8 @@ class Browser:
         browser_in, self.commands = os.pipe()
         self.replies, browser_out = os.pipe()
         self.process = subprocess.Popen(
-            # bash, not sh: dash takes one-digit descriptors only, and with a sessions
-            # database open these pipes are 10 and up.
+            # bash, not sh: dash reads only one-digit descriptors, and with a server's
+            # sessions file open the pipes get numbers above 9.
             ["bash", "-c", f'exec "$@" 3<&{browser_in} 4>&{browser_out}', "bash", BROWSER,
              "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
              "--disable-extensions", "--disable-background-networking", "--remote-debugging-pipe",
@@ -3295,6 +3295,426 @@ class TestLimitsShippedFiles(unittest.TestCase):
                              ["passwordHash"])
         config = authserver.load_config(HERE / "config.json")
         self.assertEqual(config["secret"], "")          # no secret ships with the code
+
+# ---------------------------------------------------------------------------
+# Sessions: refresh tokens, logout, revocation
+# ---------------------------------------------------------------------------
+
+REVOKED = {"error": True, "name": "SessionRevokedError", "message": "session revoked"}
+NOT_RECOGNISED = {"error": True, "name": "RefreshTokenError",
+                  "message": "refresh token not recognised (revoked or never issued)"}
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def main_in_process(*args):
+    """authserver.main(args) here, not in a subprocess: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdout", out), mock.patch("sys.stderr", err):
+        code = authserver.main([str(arg) for arg in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def poll_until(condition, timeout=10):
+    """Call condition() until it is true or the deadline passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        threading.Event().wait(0.02)
+
+
+class SessionsCase(unittest.TestCase):
+    """A server per test (servers are cheap); helpers to log in, refresh and log out."""
+
+    config = {}
+
+    def setUp(self):
+        self.files = Files(self, **self.config)
+        self.server = start_server(self, self.files)
+        self.client = self.new_client(self.server)
+
+    def new_client(self, server):
+        client = Client(server)
+        self.addCleanup(client.close)
+        return client
+
+    def login(self, username="test", password="test", client=None, headers=None):
+        status, _, body = (client or self.client).request(
+            "POST", "/users/authenticate", login_body(username, password), headers)
+        self.assertEqual(status, 200, body)
+        return body
+
+    def refresh(self, refresh_token, client=None):
+        status, _, body = (client or self.client).request(
+            "POST", "/users/refresh", {"refreshToken": refresh_token})
+        return status, body
+
+    def info(self, token, client=None):
+        status, _, body = (client or self.client).request("GET", "/users/getInfo",
+                                                          headers=bearer(token))
+        return status, body
+
+    def sessions_file(self):
+        return self.files.folder / "authserver.sessions"
+
+
+class TestSessionsTokens(SessionsCase):
+
+    def test_login_returns_both_tokens_and_the_access_token_names_the_session(self):
+        body = self.login(headers={"User-Agent": "phone-app/1.0"})
+        self.assertEqual(set(body), {"token", "expiresIn", "refreshToken", "refreshExpiresIn"})
+        self.assertEqual((body["expiresIn"], body["refreshExpiresIn"]), (3600, 14 * 86400))
+        self.assertRegex(body["refreshToken"], r"^[A-Za-z0-9_-]{43}$")
+        claims = decode_token(body["token"], SECRET)
+        self.assertRegex(claims["sid"], r"^[A-Za-z0-9_-]{22}$")
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(body["token"]))
+        self.assertEqual(status, 200, listed)
+        [session] = listed["sessions"]
+        self.assertEqual(set(session), {"id", "created", "lastUsed", "expires", "address",
+                                        "userAgent", "current"})
+        self.assertEqual((session["id"], session["address"], session["userAgent"],
+                          session["current"]), (claims["sid"], "127.0.0.1", "phone-app/1.0", True))
+        self.assertEqual(session["expires"] - session["created"], 14 * 86400)
+
+    def test_refresh_rotates_both_tokens(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200, second)
+        self.assertEqual(set(second), {"token", "expiresIn", "refreshToken", "refreshExpiresIn"})
+        self.assertNotEqual(second["refreshToken"], first["refreshToken"])
+        self.assertEqual(decode_token(second["token"], SECRET)["sid"],
+                         decode_token(first["token"], SECRET)["sid"])
+        self.assertEqual(self.info(second["token"])[0], 200)
+        status, third = self.refresh(second["refreshToken"])
+        self.assertEqual(status, 200, third)
+        self.assertNotIn(third["refreshToken"], (first["refreshToken"], second["refreshToken"]))
+
+    def test_refresh_with_a_form_body(self):
+        first = self.login()
+        status, _, body = self.client.request(
+            "POST", "/users/refresh", f"refreshToken={first['refreshToken']}",
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 200, body)
+
+    def test_bad_refresh_and_logout_bodies_are_4xx(self):
+        cases = [({}, 400, "refreshToken is required"),
+                 ({"refreshToken": 5}, 400, "refreshToken must be a non-empty string"),
+                 ({"refreshToken": ""}, 400, "refreshToken must be a non-empty string"),
+                 ("[1]", 400, "Malformed body: not a JSON object")]
+        for path in ("/users/refresh", "/users/logout"):
+            for body, code, message in cases:
+                with self.subTest(path=path, body=body):
+                    headers = {"Content-Type": "application/json"}
+                    status, _, answer = self.client.request("POST", path, body, headers)
+                    self.assertEqual((status, answer), (code, {"message": message}))
+            status, _, _ = self.client.request("POST", path, "x", {"Content-Type": "text/plain"})
+            self.assertEqual(status, 415)
+        for token in ("A" * 43, "not a token", "x" * 5000):
+            with self.subTest(token=token[:10]):
+                self.assertEqual(self.refresh(token), (401, NOT_RECOGNISED))
+
+    def test_two_refreshes_at_the_same_moment_get_the_same_pair(self):
+        # Two threads on this server, one on a second server on the same files (another
+        # SQLite connection, as another process would have).
+        other = start_server(self, self.files)
+        first = self.login()
+        clients = [self.new_client(self.server), self.new_client(self.server),
+                   self.new_client(other)]
+        barrier = threading.Barrier(len(clients))
+        answers = [None] * len(clients)
+
+        def refresh(index):
+            barrier.wait(timeout=10)
+            answers[index] = self.refresh(first["refreshToken"], clients[index])
+        threads = [threading.Thread(target=refresh, args=(index,)) for index in range(len(clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        self.assertEqual([status for status, _ in answers], [200] * len(clients), answers)
+        self.assertEqual(len({json.dumps(body, sort_keys=True) for _, body in answers}), 1)
+        pair = answers[0][1]
+        self.assertEqual(self.info(pair["token"])[0], 200)
+        self.assertEqual(self.refresh(pair["refreshToken"])[0], 200)   # and it rotates on
+
+    def test_token_without_sid_is_verified_as_before(self):
+        self.assertEqual(self.info(token_for())[0], 200)
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(token_for()))
+        self.assertEqual((status, listed), (200, {"sessions": []}))
+        status, body = self.info(token_for(sid=5))
+        self.assertEqual((status, body["message"]), (401, "invalid sid value"))
+
+    def test_sessions_list_marks_the_current_one_and_only_the_users(self):
+        first = self.login(headers={"User-Agent": "laptop"})
+        second = self.login(headers={"User-Agent": "phone"})
+        self.login("ncuser", "ncpassword")
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(second["token"]))
+        self.assertEqual(status, 200)
+        self.assertEqual([(s["userAgent"], s["current"]) for s in listed["sessions"]],
+                         [("laptop", False), ("phone", True)])
+        self.assertEqual([s["id"] for s in listed["sessions"]],
+                         [decode_token(t, SECRET)["sid"] for t in (first["token"], second["token"])])
+        self.assertEqual(self.client.request("GET", "/users/sessions")[0], 403)
+        self.assertEqual(self.client.request("POST", "/users/sessions", {},
+                                             bearer(second["token"]))[0], 405)
+
+
+class TestSessionsRevocation(SessionsCase):
+
+    config = {"refreshGrace": 0}
+
+    def test_reuse_after_rotation_revokes_the_session(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200)
+        self.assertEqual(self.info(second["token"])[0], 200)
+        status, body = self.refresh(first["refreshToken"])           # the spent one again
+        self.assertEqual((status, body), (401, {
+            "error": True, "name": "RefreshTokenReuseError",
+            "message": "refresh token already used: the session is revoked; log in again"}))
+        self.assertEqual(self.info(second["token"]), (401, REVOKED))
+        self.assertEqual(self.info(first["token"]), (401, REVOKED))
+        self.assertEqual(self.refresh(second["refreshToken"]), (401, NOT_RECOGNISED))
+
+    def test_logout_refuses_the_access_token_at_once_and_is_idempotent(self):
+        body = self.login()
+        other = self.login()
+        status, response, answer = self.client.request("POST", "/users/logout",
+                                                       {"refreshToken": body["refreshToken"]})
+        self.assertEqual((status, answer, response.getheader("Content-Length")), (204, b"", None))
+        status, response, answer = self.client.request("GET", "/users/getInfo",
+                                                       headers=bearer(body["token"]))
+        self.assertEqual((status, answer), (401, REVOKED))
+        self.assertEqual(response.getheader("WWW-Authenticate"),
+                         'Bearer error="invalid_token", error_description="session revoked"')
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        for token in (body["refreshToken"], "never-issued"):
+            with self.subTest(token=token):
+                status, _, _ = self.client.request("POST", "/users/logout", {"refreshToken": token})
+                self.assertEqual(status, 204)
+        self.assertEqual(self.info(other["token"])[0], 200)          # the other session lives
+
+    def test_logout_all_ends_every_session_of_the_user_only(self):
+        first, second = self.login(), self.login()
+        theirs = self.login("ncuser", "ncpassword")
+        self.assertEqual(self.client.request("POST", "/users/logoutAll", b"",
+                                             {**bearer(first["token"]), "Content-Length": "0"})[0], 204)
+        for body in (first, second):
+            self.assertEqual(self.info(body["token"]), (401, REVOKED))
+            self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        self.assertEqual(self.info(theirs["token"])[0], 200)
+        self.assertEqual(self.client.request("POST", "/users/logoutAll", b"")[0], 403)
+
+    def test_a_deleted_user_cannot_refresh(self):
+        body = self.login()
+        authserver.save_users(self.files.users, TEST_USERS[1:])
+        self.server.users.refresh(force=True)
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, {
+            "error": True, "name": "RefreshTokenError", "message": "user not found"}))
+        self.assertEqual(self.server.sessions.sessions_of("test", time.time()), [])
+
+    def test_oldest_sessions_end_past_max_sessions_per_user(self):
+        self.server.sessions.max_per_user = 2
+        bodies = [self.login() for _ in range(3)]
+        self.assertEqual(self.info(bodies[0]["token"]), (401, REVOKED))
+        self.assertEqual(self.refresh(bodies[0]["refreshToken"]), (401, NOT_RECOGNISED))
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(bodies[2]["token"]))
+        self.assertEqual(len(listed["sessions"]), 2)
+        self.assertEqual(self.info(bodies[1]["token"])[0], 200)
+
+    def test_a_revocation_by_another_process_is_seen_within_seconds(self):
+        body, kept = self.login(), self.login("ncuser", "ncpassword")
+        common = ("--config", self.files.config, "--users", self.files.users)
+        result = run_cli("sessions", "test", *common)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sid = decode_token(body["token"], SECRET)["sid"]
+        self.assertIn(sid, result.stdout)
+        self.assertIn("127.0.0.1", result.stdout)
+        result = run_cli("revoke", "test", sid, *common)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("1 session(s) of 'test' revoked", result.stdout)
+        self.assertEqual(poll_until(lambda: self.info(body["token"])[0] == 401), True)
+        self.assertEqual(self.info(body["token"]), (401, REVOKED))
+        self.assertEqual(self.info(kept["token"])[0], 200)
+        for args in (("revoke", "nobody"), ("revoke", "test", sid), ("sessions", "nobody")):
+            with self.subTest(args=args):
+                code, _, error = main_in_process(*args, *common)
+                self.assertEqual((code, len(error.splitlines())), (2, 1))
+                self.assertTrue(error.startswith("authserver: no "), error)
+
+    def test_passwd_revokes_the_users_sessions(self):
+        self.files.config.write_text(json.dumps({"secret": SECRET, "refreshGrace": 0,
+                                                 "passwordIterations": FAST_ITERATIONS}))
+        body, kept = self.login(), self.login("ncuser", "ncpassword")
+        result = run_cli("passwd", "test", "--config", self.files.config, "--users",
+                         self.files.users, stdin="a-new-password\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("1 session(s) revoked", result.stdout)
+        self.assertEqual(poll_until(lambda: self.info(body["token"])[0] == 401), True)
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        self.assertEqual(self.info(kept["token"])[0], 200)
+
+    def test_explain_a_refresh_token_and_a_revoked_access_token(self):
+        body = self.login()
+        common = ("--config", self.files.config, "--users", self.files.users)
+        code, out, error = main_in_process("explain", body["refreshToken"], *common)
+        self.assertEqual(code, 0, out + error)
+        for text in ("This is a refresh token, not a JWT", "what makes it revocable",
+                     hashlib.sha256(body["refreshToken"].encode()).hexdigest(),
+                     "Verdict: valid. POST /users/refresh would renew it"):
+            self.assertIn(text, out)
+        code, out, error = main_in_process("explain", body["token"], *common)
+        self.assertEqual(code, 0, out + error)
+        self.assertIn("7. Is the session still live?", out)
+        self.client.request("POST", "/users/logout", {"refreshToken": body["refreshToken"]})
+        code, out, error = main_in_process("explain", body["token"], *common)
+        self.assertEqual(code, 1, out + error)
+        self.assertIn("FAIL SessionRevokedError: session revoked", out)
+        self.assertIn('"name":"SessionRevokedError","message":"session revoked"', out)
+        code, out, error = main_in_process("explain", body["refreshToken"], *common)
+        self.assertEqual(code, 1, out + error)
+        self.assertIn("FAIL RefreshTokenError: refresh token not recognised", out)
+
+
+class TestSessionsStorage(SessionsCase):
+
+    def test_the_file_never_holds_a_refresh_token(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200)
+        stored = b"".join(path.read_bytes() for path in self.files.folder.glob("authserver.sessions*"))
+        for token in (first["refreshToken"], second["refreshToken"]):     # (not printed)
+            self.assertFalse(token.encode() in stored, "a refresh token is in the file")
+            self.assertFalse(b64url_decode(token) in stored, "a refresh token is in the file")
+            self.assertTrue(hashlib.sha256(token.encode()).digest() in stored)
+        if os.name == "posix":
+            self.assertEqual(self.sessions_file().stat().st_mode & 0o777, 0o600)
+
+    def test_a_failing_sessions_file_is_503_and_no_token(self):
+        body = self.login()
+
+        class Broken:
+            def execute(self, *args):
+                raise authserver.sqlite3.OperationalError("attempt to write a readonly database")
+        with mock.patch.object(self.server.sessions, "connection", Broken()):
+            expected = {"error": True, "name": "SessionStoreError",
+                        "message": "Sessions are unavailable right now; try again shortly"}
+            for path, request_body in (("/users/authenticate", login_body()),
+                                       ("/users/refresh", {"refreshToken": body["refreshToken"]}),
+                                       ("/users/logout", {"refreshToken": body["refreshToken"]})):
+                with self.subTest(path=path):
+                    status, response, answer = self.client.request("POST", path, request_body)
+                    self.assertEqual((status, answer), (503, expected))
+                    self.assertEqual(response.getheader("Retry-After"), "5")
+            # A live session is checked in memory: getInfo does not need the file ...
+            self.assertEqual(self.info(body["token"])[0], 200)
+            # ... unless it is one this process has never seen.
+            self.assertEqual(self.info(token_for(sid="started-elsewhere")), (503, expected))
+        self.assertIn("attempt to write a readonly database", self.server.test_log.getvalue())
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+        self.assertEqual(self.refresh(body["refreshToken"])[0], 200)     # nothing was spent
+
+    def test_purge_of_expired_sessions(self):
+        store = authserver.SessionStore(self.files.folder / "purge.sessions", refresh_lifetime=10,
+                                        max_per_user=5, grace=0)
+        self.addCleanup(store.close)
+        store.start("test", NOW)
+        store.start("ncuser", NOW + 5)
+        store.start("ncuser", NOW + 11)          # the first has expired: purged now
+        with store.lock:
+            names = [row[0] for row in store.connection.execute("SELECT username FROM sessions")]
+        self.assertEqual(names, ["ncuser", "ncuser"])
+
+    def test_restart_then_refresh(self):
+        body = self.login()
+        restarted = start_server(self, self.files)       # a new process's view: fresh store
+        client = self.new_client(restarted)
+        self.server.sessions.close()
+        status, renewed = self.refresh(body["refreshToken"], client)
+        self.assertEqual(status, 200, renewed)
+        self.assertEqual(self.info(renewed["token"], client)[0], 200)
+
+    def test_kill_9_in_the_middle_of_logins_leaves_a_usable_file(self):
+        process = ServerProcess(self, "--config", self.files.config, "--users", self.files.users)
+        first = json.loads(raw_exchange(process.port, post(json.dumps(login_body())))[2])
+        stop, logins = threading.Event(), []
+
+        def keep_logging_in():
+            while not stop.is_set():
+                try:
+                    raw_exchange(process.port, post(json.dumps(login_body())), timeout=5)
+                except (OSError, AssertionError):
+                    return
+                logins.append(1)
+        threads = [threading.Thread(target=keep_logging_in) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(poll_until(lambda: len(logins) >= 4))     # logins are flowing now
+        process.process.kill()                   # SIGKILL on POSIX: no cleanup at all
+        process.process.wait(timeout=10)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        check = authserver.sqlite3.connect(self.sessions_file())
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA integrity_check").fetchone(), ("ok",))
+        status, renewed = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200, renewed)
+
+    def test_an_unusable_sessions_file_refuses_to_start(self):
+        self.sessions_file().unlink()
+        for name in ("authserver.sessions-wal", "authserver.sessions-shm"):
+            (self.files.folder / name).unlink(missing_ok=True)
+        self.sessions_file().write_bytes(b"this is not an SQLite database\n" * 200)
+        result = run_cli("--config", self.files.config, "--users", self.files.users)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1), result.stderr)
+        self.assertTrue(result.stderr.startswith(
+            f"authserver: sessions file {self.sessions_file()}: file is not a database"),
+            result.stderr)
+        missing = Files(self, sessionsFile="no/such/folder/sessions")
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.make_server(missing.config, missing.users, "127.0.0.1", 0,
+                                   log_stream=io.StringIO())
+        self.assertTrue(str(caught.exception).startswith(
+            f"sessions file {missing.folder / 'no' / 'such'}"), caught.exception)
+
+    def test_a_locked_or_read_only_sessions_file_refuses_to_start(self):
+        # Simulated: as root here, a chmod would not stop SQLite from writing.
+        for failure in ("database is locked", "attempt to write a readonly database"):
+            with self.subTest(failure=failure), mock.patch(
+                    "authserver.sqlite3.connect",
+                    side_effect=authserver.sqlite3.OperationalError(failure)):
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.make_server(self.files.config, self.files.users, "127.0.0.1", 0,
+                                           log_stream=io.StringIO())
+                self.assertEqual(str(caught.exception),
+                                 f"sessions file {self.sessions_file()}: {failure}")
+
+    def test_config_keys_are_checked(self):
+        cases = [({"refreshTokenLifetime": "30m"}, "refreshTokenLifetime must be at least tokenLifetime"),
+                 ({"refreshTokenLifetime": "soon"}, "refreshTokenLifetime must be a positive"),
+                 ({"maxSessionsPerUser": 0},
+                  "maxSessionsPerUser must be a whole number from 1 to 1000000"),
+                 ({"maxSessionsPerUser": "5"},
+                  "maxSessionsPerUser must be a whole number from 1 to 1000000"),
+                 ({"refreshGrace": -1}, "refreshGrace must be a number from 0 to 86400"),
+                 ({"sessionsFile": 5}, "sessionsFile must be a string"),
+                 ({"sessionsFile": ""}, "sessionsFile must not be empty")]
+        for config, message in cases:
+            with self.subTest(config=config):
+                files = Files(self, **config)
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.load_config(files.config)
+                self.assertIn(message, str(caught.exception))
+
 
 if __name__ == "__main__":
     unittest.main()

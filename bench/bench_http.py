@@ -3,10 +3,13 @@
     python bench/bench_http.py [--rounds 3] [--seconds 5] [--seed DIR]
 
 What it runs, all on 127.0.0.1 (the servers pinned to CPU 0, wrk to CPU 1 with taskset):
-- GET /users/getInfo with a valid Bearer token, keep-alive, 16 connections;
+- GET /users/getInfo with a valid Bearer token, keep-alive, 16 connections; for authserver
+  twice: a token without a session (verification alone, as before sessions existed) and a
+  login's token, whose session is checked too;
 - the same with "Connection: close" on every request (a new connection each time);
 - POST /users/authenticate with 1 and then 2 clients (authserver only, not pinned:
-  the password hash should use both cores);
+  the password hash should use both cores), and POST /users/refresh beside it (1 client,
+  each request presenting the refresh token the previous answer gave: a real rotation);
 - idle memory (RSS) and the time from start to first answer.
 Rounds are interleaved (every server once per round); figures are medians of the rounds.
 A peer that is not installed is skipped with a line saying why (see bench/README.md):
@@ -233,14 +236,20 @@ def main():
           f"{args.rounds} interleaved rounds of {args.seconds}s; servers on CPU 0, wrk on CPU 1")
     keep_alive = {server.name: [] for server in servers}
     closing = {server.name: [] for server in servers}
+    with_session = []
+    servers[0].session_token = http_post(servers[0].port, "/users/authenticate", LOGIN)["token"]
     try:
         for _ in range(args.rounds):
             for server in servers:
                 bearer = f"Authorization: Bearer {server.token}"
                 keep_alive[server.name].append(wrk(server.port, "/users/getInfo", 16, args.seconds, [bearer]))
+                if server is servers[0]:
+                    with_session.append(wrk(server.port, "/users/getInfo", 16, args.seconds,
+                                            [f"Authorization: Bearer {server.session_token}"]))
                 closing[server.name].append(wrk(server.port, "/users/getInfo", 16, args.seconds,
                                                 [bearer, "Connection: close"]))
         report(servers, keep_alive, closing)
+        report_sessions(keep_alive[servers[0].name], with_session)
     finally:
         for server in servers:
             server.stop()
@@ -270,6 +279,28 @@ def report(servers, keep_alive, closing):
               f"start-up time {servers[0].start_seconds / server.start_seconds:.2f}x")
 
 
+def report_sessions(stateless, with_session):
+    """What checking the session on every request costs getInfo."""
+    before, after = median_of(stateless, "rate"), median_of(with_session, "rate")
+    print(f"\nauthserver GET /users/getInfo, keep-alive: token without a session {before:.0f} "
+          f"req/s, login token with its session checked {after:.0f} req/s "
+          f"({(after - before) / before:+.1%}; non-2xx {sum(r['non2xx'] for r in with_session)})")
+
+
+REFRESH_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+token = "%s"
+request = function()
+  return wrk.format(nil, nil, nil, '{"refreshToken":"' .. token .. '"}')
+end
+response = function(status, headers, body)
+  local next = string.match(body, '"refreshToken":"([^"]+)"')
+  if next then token = next end
+end
+"""
+
+
 def login_scaling(folder, args):
     """POST /users/authenticate with 1 then 2 clients: does the hash use both cores?"""
     script = folder / "login.lua"
@@ -281,12 +312,22 @@ def login_scaling(folder, args):
         for _ in range(args.rounds):
             one.append(wrk(server.port, "/users/authenticate", 1, args.seconds, script=str(script), pin=False))
             two.append(wrk(server.port, "/users/authenticate", 2, args.seconds, script=str(script), pin=False))
+        renewals = []
+        for _ in range(args.rounds):
+            refresh_script = folder / "refresh.lua"
+            first = http_post(server.port, "/users/authenticate", LOGIN)["refreshToken"]
+            refresh_script.write_text(REFRESH_SCRIPT % first)
+            renewals.append(wrk(server.port, "/users/refresh", 1, args.seconds,
+                                script=str(refresh_script), pin=False))
     finally:
         server.stop()
     rate_one, rate_two = median_of(one, "rate"), median_of(two, "rate")
     print(f"\nPOST /users/authenticate (PBKDF2, 600,000 rounds), server not pinned: "
           f"1 client {rate_one:.2f} logins/s, 2 clients {rate_two:.2f} logins/s: "
           f"{rate_two / rate_one:.2f}x")
+    print(f"POST /users/refresh (rotation, one SQLite transaction), 1 client: "
+          f"{median_of(renewals, 'rate'):.0f} refreshes/s, "
+          f"non-2xx {sum(r['non2xx'] for r in renewals)}")
 
 
 if __name__ == "__main__":
