@@ -1802,8 +1802,9 @@ ROUTE_DOCS = {
 }
 # What every route of a kind can answer besides its own.
 TOKEN_ANSWERS = {
-    401: ("NamedError", "the token failed verification: JsonWebTokenError, TokenExpiredError, "
-          "NotBeforeError, or SessionRevokedError (logged out or revoked)",
+    401: ("NamedError", "the token failed verification: JsonWebTokenError (also for a user "
+          "no longer in users.json), TokenExpiredError, NotBeforeError, or SessionRevokedError "
+          "(logged out or revoked)",
           ["WWW-Authenticate"]),
     403: ("NoToken", "no token sent", ["WWW-Authenticate"]),
     503: ("NamedError", "the sessions file cannot be read", ["Retry-After"]),
@@ -1823,8 +1824,9 @@ Every answer is JSON (the page excepted) and carries `Access-Control-Allow-Origi
 
 Before any route runs, a request itself can be refused, whatever its path, with
 `{"message"}`: 400 (bad request line or header), 408 (not sent within the server's
-requestTimeout), 413, 414 (request line over 8 KiB), 431 (headers over 16 KiB), 501 (unknown
-method), 505 (HTTP version); and 404 / 405 (with `Allow`) for an unknown path or method."""
+requestTimeout), 411 (a chunked body), 413, 414 (request line over 8 KiB), 417 (an Expect
+other than 100-continue), 431 (headers over 16 KiB), 501 (unknown method), 505 (HTTP
+version); and 404 / 405 (with `Allow`) for an unknown path or method."""
 
 
 def openapi_document(routes, server_url):
