@@ -3652,9 +3652,10 @@ class TestSessionsStorage(SessionsCase):
         stop, logins = threading.Event(), []
 
         def keep_logging_in():
-            while not stop.is_set():
+            while not stop.is_set():        # as another user: test's first session stays
                 try:
-                    raw_exchange(process.port, post(json.dumps(login_body())), timeout=5)
+                    raw_exchange(process.port, post(json.dumps(login_body("ncuser", "ncpassword"))),
+                                 timeout=5)
                 except (OSError, AssertionError):
                     return
                 logins.append(1)
