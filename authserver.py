@@ -2393,6 +2393,7 @@ def change_password(args):
     print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
     return 0
 
+
 # -- sessions -------------------------------------------------------------------
 
 def end_sessions(sessions, username, session_id=None):
