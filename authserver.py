@@ -105,6 +105,7 @@ DEFAULT_CONFIG = {
     "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
+    "allowRegistration": False,    # POST /users/register: anyone who can reach us may sign up
     "refreshTokenLifetime": "14d",  # a refresh token's life from its issue (at least tokenLifetime)
     "sessionsFile": "authserver.sessions",  # SQLite, relative to the config file's folder
     "maxSessionsPerUser": 20,      # a user's oldest sessions end when a login goes past this
@@ -190,8 +191,9 @@ def load_config(path):
         raise ConfigError(f"{where}: refreshTokenLifetime must be at least tokenLifetime")
     for name in NUMBER_SETTINGS:
         checked_number(config[name], name, where)
-    if type(config["accessLog"]) is not bool:
-        raise ConfigError(f"{where}: accessLog must be true or false")
+    for name in ("accessLog", "allowRegistration"):
+        if type(config[name]) is not bool:
+            raise ConfigError(f"{where}: {name} must be true or false")
     for name in ("secret", "secretFile", "host", "sessionsFile"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
@@ -685,6 +687,60 @@ def add_user_record(path, username, password_hash, fields):
     return update_users_file(path, append)
 
 
+# -- the rules for a new user: sign-up checks them before anything is written ---
+# (The username's rule is check_username's, above, the same as for users.json and adduser.)
+
+# NIST SP 800-63B §5.1.1.2: at least 8 characters, no composition rules ("a digit and a
+# capital"), every printable character and Unicode allowed, and a check against passwords
+# known to be common. The ceiling only bounds the work: PBKDF2 hashes a long password
+# once, so 256 costs nothing, and is four times the 64 NIST asks verifiers to accept.
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 256
+# The first guesses of every guessing tool: the most common passwords of 8 characters or
+# more in the published leak lists (shorter ones fail the length rule already). A short
+# list, not a breach corpus: it stops the worst choices and shows the rule.
+COMMON_PASSWORDS = frozenset("""
+    password password1 password123 12345678 123456789 1234567890 0123456789 11111111
+    00000000 12341234 87654321 qwertyuiop qwerty123 1q2w3e4r 1qaz2wsx zaq12wsx
+    iloveyou sunshine princess football baseball superman starwars welcome1
+    abc12345 abcd1234 letmein1 trustno1 passw0rd whatever dragon123 monkey123
+""".split())
+# Profile fields beside username and password: short text only, under names like the
+# tutorial's firstName and phone. Text, because the apps built on the tutorial read them as
+# strings; bounded, because users.json is read whole and rewritten on every change. Names
+# with "password" in them are refused, as getInfo would hide them (public_record).
+PROFILE_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+MAX_PROFILE_FIELDS = 10
+MAX_PROFILE_CHARS = 200
+
+
+def check_new_password(password, username):
+    """ValueError unless password may be chosen (length counted in characters, not bytes)."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"password must be at least {MIN_PASSWORD_CHARS} characters")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"password must be at most {MAX_PASSWORD_CHARS} characters")
+    if password.casefold() in COMMON_PASSWORDS:
+        raise ValueError("password is one of the most common passwords; choose another")
+    if password.casefold() == username.casefold():
+        raise ValueError("password must not be the username")
+
+
+def check_profile(fields):
+    """ValueError unless fields (all but username and password) are profile text we keep."""
+    if len(fields) > MAX_PROFILE_FIELDS:
+        raise ValueError(f"at most {MAX_PROFILE_FIELDS} profile fields")
+    for name, value in fields.items():
+        if (not PROFILE_FIELD_NAME.fullmatch(name) or name == "id"
+                or "password" in name.lower()):
+            raise ValueError(f"field {name!r} is not accepted: profile fields are named like "
+                             f"firstName, and id and password fields are the server's")
+        if (not isinstance(value, str) or len(value) > MAX_PROFILE_CHARS
+                or not value.isprintable()):
+            raise ValueError(f"{name} must be text of at most {MAX_PROFILE_CHARS} "
+                             f"printable characters")
+
+
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
 # once per load of the file instead of once per request.
 User = namedtuple("User", "record public_json")
@@ -704,6 +760,7 @@ class UserStore:
         self.log = log
         self.stamp = None
         self.next_check = 0.0
+        self.reloading = threading.Lock()
         self.tables = self.read()
 
     def read(self):
@@ -728,19 +785,26 @@ class UserStore:
             return None
 
     def refresh(self, force=False):
-        """Reload if the file changed; at most once a second. A broken file is kept out."""
+        """Reload if the file changed; at most once a second. A broken file is kept out.
+
+        force: now, whatever the clock says; sign-up's new user must log in at once.
+        """
         now = time.monotonic()
         if not force and now < self.next_check:
             return
-        self.next_check = now + self.RECHECK_SECONDS
-        if self.file_stamp() == self.stamp:
-            return
-        try:
-            self.tables = self.read()
-        except ConfigError as error:
-            self.stamp = self.file_stamp()      # say it once, not every second
-            self.log(f"users file not reloaded, keeping the last good one: {error}")
-            return
+        # One reload at a time: a thread that read an older file must not put its tables
+        # in after a reload that started later (a sign-up that has written its user and
+        # reloads) put in newer ones.
+        with self.reloading:
+            self.next_check = now + self.RECHECK_SECONDS
+            if self.file_stamp() == self.stamp:
+                return
+            try:
+                self.tables = self.read()
+            except ConfigError as error:
+                self.stamp = self.file_stamp()      # say it once, not every second
+                self.log(f"users file not reloaded, keeping the last good one: {error}")
+                return
         self.log(f"users file reloaded: {len(self.tables[0])} users")
 
     def find_by_name(self, username):
@@ -1167,6 +1231,12 @@ class HTTPError(Exception):
                                  headers)
 
 
+def named_error(status, name, message, headers=()):
+    """An HTTPError in the tutorial's {"error": true, "name", "message"} shape."""
+    return HTTPError(status, message, body={"error": True, "name": name, "message": message},
+                     headers=headers)
+
+
 def token_refused(error):
     """401 for a token that failed verification, in the tutorial's shape and RFC 6750's."""
     description = error.args[0].replace('"', "'")
@@ -1225,7 +1295,8 @@ def answer_preflight(request):
     if request.command != "OPTIONS":
         return None
     headers = [("Access-Control-Allow-Methods", CORS_METHODS),
-               ("Allow", allowed_methods(request.route_path) or CORS_METHODS)]
+               ("Allow", allowed_methods(request.server.routes, request.route_path)
+                or CORS_METHODS)]
     asked = request.headers.get("access-control-request-headers")
     if asked and HEADER_LIST.fullmatch(asked):
         headers += [("Access-Control-Allow-Headers", asked),
@@ -1244,7 +1315,7 @@ def bearer_token(headers):
 
 def require_token(request):
     """Every path but the public ones needs a valid token for a user who still exists."""
-    if request.route_path in PUBLIC_PATHS:
+    if request.route_path in request.server.public_paths:
         return None
     token = bearer_token(request.headers)
     if not token:
@@ -1282,10 +1353,10 @@ def check_session(sessions, claims):
 def route(request):
     """Last step: the function for (method, path), or 404 / 405."""
     method = "GET" if request.command == "HEAD" else request.command
-    action = ROUTES.get((method, request.route_path))
+    action = request.server.routes.get((method, request.route_path))
     if action is not None:
         return action(request)
-    allowed = allowed_methods(request.route_path)
+    allowed = allowed_methods(request.server.routes, request.route_path)
     if allowed:
         raise HTTPError(405, f"Method {request.command} not allowed on {request.route_path}",
                         headers=(("Allow", allowed),))
@@ -1325,7 +1396,11 @@ def read_fields(request):
 
 def read_credentials(request):
     """username and the base64 password from a JSON or form body."""
-    fields = read_fields(request)
+    return credentials_from(read_fields(request))
+
+
+def credentials_from(fields):
+    """username and the base64 password from a body's fields; 400 unless both are text."""
     username, password = fields.get("username"), fields.get("password")
     if username is None or password is None:
         raise HTTPError(400, "username and password are required")
@@ -1464,6 +1539,56 @@ def get_info(request):
     return Response(200, request.user.public_json)
 
 
+def register(request):
+    """POST /users/register (when allowRegistration is on): a new user; 201 with its record."""
+    server = request.server
+    # Every attempt counts, at its start, against the address's login budget: "taken"
+    # tells that a username exists, so a loop probing names gets no more tries than a
+    # loop guessing passwords.
+    wait = server.limiter.reserve((("address", request.client_address[0]),), time.time())
+    if wait:
+        raise HTTPError(429, f"Too many attempts from this address; try again in {wait} seconds",
+                        headers=(("Retry-After", str(wait)),))
+    username, password, profile = read_registration(request)
+    if server.users.find_by_name(username)[0] is not None:      # saves hashing in vain
+        raise username_taken(username)
+    with server.hashing:                # slow, so before the users file is locked
+        password_hash = hash_password(password, server.config["passwordIterations"])
+    try:
+        record = add_user_record(server.users.path, username, password_hash, profile)
+    except UsernameTaken:               # the file has the last word: two sign-ups at once
+        raise username_taken(username) from None
+    except (ConfigError, OSError) as error:
+        server.log(f"sign-up of {username!r} not saved: {error}")
+        raise named_error(503, "UsersFileError", "Sign-up is unavailable right now; "
+                          "try again shortly", headers=(("Retry-After", "5"),)) from None
+    server.users.refresh(force=True)    # the new user can log in with the next request
+    return Response(201, public_record(record))
+
+
+def read_registration(request):
+    """(username, password, profile fields) from the body, each checked; 400 if one fails."""
+    fields = read_fields(request)
+    username, encoded_password = credentials_from(fields)
+    password = decode_password(encoded_password)
+    profile = {name: value for name, value in fields.items()
+               if name not in ("username", "password")}
+    try:
+        check_username(username, "sign-up")
+        if password is None:
+            raise ValueError("password must be base64, as for login")
+        check_new_password(password, username)
+        check_profile(profile)
+    except (ValueError, ConfigError) as error:
+        raise named_error(400, "ValidationError", str(error)) from None
+    return username, password, profile
+
+
+def username_taken(username):
+    """409 for a username users.json already has."""
+    return named_error(409, "UsernameTakenError", f"username {username!r} is taken")
+
+
 # The page may talk to this server only, and may not be framed by another site: even a
 # tampered copy of it could not send a password elsewhere.
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -1480,6 +1605,20 @@ def serve_page(request):
                     content_type="text/html; charset=utf-8")
 
 
+HOST_HEADER = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def serve_openapi(request):
+    """GET /openapi.json: the OpenAPI 3.1 document of the routes this server answers."""
+    server = request.server
+    host = request.headers.get("host", "")
+    # The address the client reached us at, so an importer's requests go to the same
+    # place; "/" (relative to the document) when Host is absent or odd.
+    scheme = "https" if server.tls_context else "http"
+    server_url = f"{scheme}://{host}" if HOST_HEADER.fullmatch(host) else "/"
+    return Response(200, openapi_document(server.routes, server_url))
+
+
 ROUTES = {
     ("POST", "/users/authenticate"): authenticate,
     ("GET", "/users/getInfo"): get_info,
@@ -1487,19 +1626,262 @@ ROUTES = {
     ("POST", "/users/logout"): logout,
     ("POST", "/users/logoutAll"): logout_all,
     ("GET", "/users/sessions"): list_sessions,
+    ("POST", "/users/register"): register,
+    ("GET", "/openapi.json"): serve_openapi,
     ("GET", "/"): serve_page,
 }
 # As in the tutorial, authentication runs before routing; only these paths skip it. A
 # refresh token is its own credential: refresh and logout work after the access token expired.
-PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/"}
+PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/users/register",
+                "/openapi.json", "/"}
+# Routes that exist only when a setting turns them on. Off, the path is unknown in every
+# way: the same 403 / 404 as any unknown path, and no Allow header or OpenAPI names it.
+OPTIONAL_ROUTES = {("POST", "/users/register"): "allowRegistration"}
 
 
-def allowed_methods(path):
-    """The Allow header for a known path, "" for an unknown one."""
-    methods = sorted(method for method, route_path in ROUTES if route_path == path)
+def enabled_routes(config):
+    """ROUTES without the optional ones config leaves off: the table a server routes by."""
+    return {key: action for key, action in ROUTES.items()
+            if key not in OPTIONAL_ROUTES or config[OPTIONAL_ROUTES[key]]}
+
+
+def allowed_methods(routes, path):
+    """The Allow header for a path among routes, "" for an unknown one."""
+    methods = sorted(method for method, route_path in routes if route_path == path)
     if "GET" in methods:
         methods.append("HEAD")
     return ", ".join(methods + ["OPTIONS"]) if methods else ""
+
+
+# -- GET /openapi.json: the routes above, described for Postman, Insomnia and generators --
+# Built from ROUTES as the server has them (optional routes only when on), and from
+# ROUTE_DOCS below, keyed the same way: a route missing there fails the tests. What every
+# route of a kind answers (a token route's 401/403, a POST's 411/413, a body's 415) is added
+# by openapi_operation, so it is written once. A test walks a live server through every
+# (route, status) listed and checks each body against its schema.
+
+def ref(kind, name):
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+BASE64_TEXT = {"type": "string", "contentEncoding": "base64"}
+# The tutorial's profile fields, named so that generated clients have them; others may come.
+PROFILE_TEXT = {name: {"type": "string"} for name in ("firstName", "lastName", "phone")}
+TIMESTAMP = {"type": "integer", "description": "seconds since 1970-01-01 UTC"}
+OPENAPI_SCHEMAS = {
+    "Credentials": {
+        "type": "object", "required": ["username", "password"],
+        "properties": {"username": {"type": "string"},
+                       "password": {**BASE64_TEXT, "description": "the password's UTF-8 "
+                                    "bytes in base64 (btoa() in a browser)"}}},
+    "Registration": {
+        "type": "object", "required": ["username", "password"],
+        "properties": {
+            "username": {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_CHARS,
+                         "description": "any letters; no spaces or control characters"},
+            "password": {**BASE64_TEXT, "description":
+                         f"base64, as for login, of {MIN_PASSWORD_CHARS} to "
+                         f"{MAX_PASSWORD_CHARS} characters; not one of the most common "
+                         f"passwords, not the username; no other rules (NIST SP 800-63B)"},
+            **PROFILE_TEXT},
+        "additionalProperties": {"type": "string", "maxLength": MAX_PROFILE_CHARS,
+                                 "description": "profile fields named like firstName; none "
+                                 "named id or containing password"},
+        "maxProperties": MAX_PROFILE_FIELDS + 2},
+    "RefreshRequest": {
+        "type": "object", "required": ["refreshToken"],
+        "properties": {"refreshToken": {"type": "string"}}},
+    "Login": {
+        "type": "object", "required": ["token", "expiresIn", "refreshToken", "refreshExpiresIn"],
+        "properties": {
+            "token": {"type": "string", "description": "the access token, a JWT (HS256)"},
+            "expiresIn": {"type": "integer", "description": "its lifetime in seconds"},
+            "refreshToken": {"type": "string", "description": "opaque; for /users/refresh "
+                             "and /users/logout"},
+            "refreshExpiresIn": {"type": "integer", "description": "its lifetime in seconds"}}},
+    "User": {
+        "type": "object", "required": ["id", "username"],
+        "properties": {"id": {"type": ["integer", "string"]}, "username": {"type": "string"},
+                       **PROFILE_TEXT},
+        "description": "the user's record without its password fields; the other fields are "
+                       "the profile (firstName, lastName, phone ...)"},
+    "Sessions": {
+        "type": "object", "required": ["sessions"],
+        "properties": {"sessions": {"type": "array", "items": ref("schemas", "Session")}}},
+    "Session": {
+        "type": "object",
+        "required": ["id", "created", "lastUsed", "expires", "address", "userAgent", "current"],
+        "properties": {"id": {"type": "string", "description": "the access token's sid"},
+                       "created": TIMESTAMP, "lastUsed": TIMESTAMP, "expires": TIMESTAMP,
+                       "address": {"type": "string"}, "userAgent": {"type": "string"},
+                       "current": {"type": "boolean", "description": "the session asking"}}},
+    "Message": {
+        "type": "object", "required": ["message"],
+        "properties": {"message": {"type": "string"}}},
+    "NamedError": {
+        "type": "object", "required": ["error", "name", "message"],
+        "properties": {"error": {"enum": [True]}, "name": {"type": "string"},
+                       "message": {"type": "string"}}},
+    "NoToken": {
+        "type": "object", "required": ["error", "message"],
+        "properties": {"error": {"enum": [True]}, "message": {"enum": ["No token provided."]}}},
+    "OpenAPI": {"type": "object", "required": ["openapi", "info", "paths"]},
+}
+OPENAPI_HEADERS = {
+    "Retry-After": {"description": "seconds to wait before trying again",
+                    "schema": {"type": "integer"}},
+    "WWW-Authenticate": {"description": 'Bearer, with error="invalid_token" on a 401 (RFC 6750)',
+                         "schema": {"type": "string"}},
+}
+OPENAPI_SECURITY = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+               "description": "Authorization: Bearer <token>"},
+    "accessToken": {"type": "apiKey", "in": "header", "name": "x-access-token",
+                    "description": "the tutorial's header: x-access-token: <token>"},
+}
+
+# route -> summary, the body's schema (sent as JSON or as a form), and what it answers:
+# status -> (schema name, "html" or None for no body; when; headers sent with it).
+ROUTE_DOCS = {
+    ("POST", "/users/authenticate"): {
+        "summary": "Log in: an access token and a refresh token (a new session)",
+        "body": "Credentials",
+        "responses": {
+            200: ("Login", "logged in"),
+            400: ("Message", "wrong username or password (one answer for both), a password "
+                  "that is not base64, or a malformed body"),
+            429: ("Message", "too many password checks for this username or address",
+                  ["Retry-After"]),
+            503: ("NamedError", "the sessions file cannot be written; no token is issued",
+                  ["Retry-After"])}},
+    ("GET", "/users/getInfo"): {
+        "summary": "The token's user",
+        "responses": {200: ("User", "the user, without password fields")}},
+    ("POST", "/users/refresh"): {
+        "summary": "A new token pair for a refresh token, which is spent (rotation)",
+        "body": "RefreshRequest",
+        "responses": {
+            200: ("Login", "renewed; the old refresh token is spent"),
+            400: ("Message", "no refreshToken, or a malformed body"),
+            401: ("NamedError", "RefreshTokenError: unknown, expired or revoked; "
+                  "RefreshTokenReuseError: already spent, so the session is now revoked"),
+            503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
+    ("POST", "/users/logout"): {
+        "summary": "End the refresh token's session (its access tokens stop working)",
+        "body": "RefreshRequest",
+        "responses": {
+            204: (None, "ended, or already ended"),
+            400: ("Message", "no refreshToken, or a malformed body"),
+            503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
+    ("POST", "/users/logoutAll"): {
+        "summary": "End every session of the token's user",
+        "responses": {204: (None, "all ended")}},
+    ("GET", "/users/sessions"): {
+        "summary": "The token's user's live sessions, the current one marked",
+        "responses": {200: ("Sessions", "oldest first")}},
+    ("POST", "/users/register"): {
+        "summary": "Sign up (only when the server's allowRegistration is on)",
+        "body": "Registration",
+        "responses": {
+            201: ("User", "the new user, as getInfo will show it; log in next"),
+            400: ("Message", "ValidationError: a rule the username, password or a profile "
+                  "field breaks (the message says which); or a malformed body"),
+            409: ("NamedError", "UsernameTakenError: the username is taken"),
+            429: ("Message", "too many attempts from this address (each sign-up counts)",
+                  ["Retry-After"]),
+            503: ("NamedError", "the users file cannot be written", ["Retry-After"])}},
+    ("GET", "/openapi.json"): {
+        "summary": "This document",
+        "responses": {200: ("OpenAPI", "OpenAPI 3.1")}},
+    ("GET", "/"): {
+        "summary": "The login page (test.html)",
+        "responses": {200: ("html", "the page"),
+                      404: ("Message", "test.html is not beside authserver.py")}},
+}
+# What every route of a kind can answer besides its own.
+TOKEN_ANSWERS = {
+    401: ("NamedError", "the token failed verification: JsonWebTokenError (also for a user "
+          "no longer in users.json), TokenExpiredError, NotBeforeError, or SessionRevokedError "
+          "(logged out or revoked)",
+          ["WWW-Authenticate"]),
+    403: ("NoToken", "no token sent", ["WWW-Authenticate"]),
+    503: ("NamedError", "the sessions file cannot be read", ["Retry-After"]),
+}
+POST_ANSWERS = {
+    411: ("Message", "no Content-Length (chunked bodies are refused)"),
+    413: ("Message", "a body larger than the server's maxBodyBytes"),
+}
+BODY_ANSWERS = {415: ("Message", "a Content-Type other than JSON or form")}
+
+OPENAPI_DESCRIPTION = """\
+The API of the Node.js JWT authentication tutorial, with sessions, refresh tokens and sign-up.
+
+Every answer is JSON (the page excepted) and carries `Access-Control-Allow-Origin: *`;
+`OPTIONS` on any path is a CORS preflight (204). Errors have the tutorial's shapes:
+`{"message"}`, or `{"error": true, "name", "message"}` where a client may act on the name.
+
+Before any route runs, a request itself can be refused, whatever its path, with
+`{"message"}`: 400 (bad request line or header), 408 (not sent within the server's
+requestTimeout), 411 (a chunked body), 413, 414 (request line over 8 KiB), 417 (an Expect
+other than 100-continue), 431 (headers over 16 KiB), 501 (unknown method), 505 (HTTP
+version); and 404 / 405 (with `Allow`) for an unknown path or method."""
+
+
+def openapi_document(routes, server_url):
+    """The OpenAPI 3.1 document of routes, as served at server_url."""
+    paths = {}
+    for (method, path), action in routes.items():
+        paths.setdefault(path, {})[method.lower()] = openapi_operation(method, path, action)
+    return {"openapi": "3.1.0",
+            "info": {"title": "authserver", "version": "1.0",
+                     "description": OPENAPI_DESCRIPTION},
+            "servers": [{"url": server_url}],
+            "paths": paths,
+            "components": {"schemas": OPENAPI_SCHEMAS, "headers": OPENAPI_HEADERS,
+                           "securitySchemes": OPENAPI_SECURITY}}
+
+
+def route_answers(method, path):
+    """status -> (schema, when, headers...) for every answer of a route, its own and its kind's."""
+    doc = ROUTE_DOCS[(method, path)]
+    answers = dict(doc["responses"])
+    kinds = [(path not in PUBLIC_PATHS, TOKEN_ANSWERS), (method == "POST", POST_ANSWERS),
+             ("body" in doc, BODY_ANSWERS)]
+    for applies, kind in kinds:
+        for status, answer in kind.items():
+            if applies:
+                answers.setdefault(status, answer)
+    return dict(sorted(answers.items()))
+
+
+def openapi_operation(method, path, action):
+    """One operation: its id (the function's name in camelCase), body, answers, security."""
+    doc = ROUTE_DOCS[(method, path)]
+    first, *rest = action.__name__.split("_")
+    operation = {"operationId": first + "".join(word.title() for word in rest),
+                 "summary": doc["summary"],
+                 "security": ([{"bearer": []}, {"accessToken": []}]
+                              if path not in PUBLIC_PATHS else []),
+                 "responses": {str(status): openapi_response(*answer)
+                               for status, answer in route_answers(method, path).items()}}
+    if "body" in doc:
+        schema = ref("schemas", doc["body"])
+        operation["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {"schema": schema}}}
+    return operation
+
+
+def openapi_response(schema, when, headers=()):
+    """A response object: what it means, its body's media type and schema, its headers."""
+    response = {"description": when}
+    if schema == "html":
+        response["content"] = {"text/html": {"schema": {"type": "string"}}}
+    elif schema is not None:
+        response["content"] = {"application/json": {"schema": ref("schemas", schema)}}
+    if headers:
+        response["headers"] = {name: ref("headers", name) for name in headers}
+    return response
 
 
 # ---------------------------------------------------------------------------
@@ -1739,6 +2121,8 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
+        self.routes = enabled_routes(config)
+        self.public_paths = PUBLIC_PATHS & {path for _, path in self.routes}
         self.limiter = LoginLimiter({"user": config["loginAttempts"],
                                      "address": config["addressLoginAttempts"]},
                                     config["loginWindow"])
