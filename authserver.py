@@ -66,6 +66,7 @@ import tempfile
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.parse
 from collections import OrderedDict, deque, namedtuple
 from datetime import datetime, timezone
@@ -583,7 +584,10 @@ def public_record(user):
 # of any script are welcome (café, 山田); whitespace, control characters and lone surrogates
 # (argv bytes that were not UTF-8) are not: nobody can see them, let alone type them.
 MAX_USERNAME_CHARS = 64
-NOT_IN_USERNAMES = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters, invisible format characters (zero-width spaces, right-to-left
+# overrides), lone surrogates, private-use and unassigned code points: each makes a name
+# that prints like another one, or like nothing.
+UNSEEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 
 
 def check_username(name, where):
@@ -593,7 +597,7 @@ def check_username(name, where):
     if len(name) > MAX_USERNAME_CHARS:
         raise ConfigError(f"{where}: username {name[:20]!r}... is longer than "
                           f"{MAX_USERNAME_CHARS} characters")
-    if NOT_IN_USERNAMES.search(name):
+    if any(char.isspace() or unicodedata.category(char) in UNSEEN_CATEGORIES for char in name):
         raise ConfigError(f"{where}: username {name!r} contains whitespace or a control "
                           f"character")
 
@@ -679,7 +683,10 @@ def add_user_record(path, username, password_hash, fields):
     def append(users):
         refuse_taken(users, username, path)
         taken = {user.get("id") for user in users}
-        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
+        # Five digits, as the tutorial's ids, drawn from a range at least ten times the
+        # number of users: a free one is found at once, however many sign up.
+        span = max(90000, 10 * len(users))
+        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(span) + 10000, None)
                        if candidate not in taken)
         record = {"id": user_id, "username": username, "passwordHash": password_hash, **fields}
         users.append(record)

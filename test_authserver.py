@@ -1447,6 +1447,20 @@ class TestUsersFileWriters(unittest.TestCase):
         self.assertEqual(list(files.folder.glob(".users.json.*")), [])
         self.assertNotIn("ghost", files.users.read_text())
 
+    def test_ids_do_not_run_out_when_every_five_digit_one_is_taken(self):
+        files = Files(self)
+        users = [{"id": 10000 + number, "username": f"u{number}"} for number in range(90000)]
+        added = []
+        with mock.patch.object(authserver, "read_users_list", return_value=users), \
+                mock.patch.object(authserver, "save_users"):
+            # In a thread: drawing only five-digit ids would look for a free one for ever.
+            worker = threading.Thread(target=lambda: added.append(
+                authserver.add_user_record(files.users, "newcomer", "hash", {})), daemon=True)
+            worker.start()
+            worker.join(timeout=20)
+        self.assertEqual(len(added), 1, "no free id found")
+        self.assertNotIn(added[0]["id"], range(10000, 100000))
+
     def test_two_servers_started_together_share_one_secret(self):
         files = Files(self, secret="")
         barrier = threading.Barrier(8)
@@ -1699,7 +1713,8 @@ class TestCliUsernames(unittest.TestCase):
 
     ALLOWED = ["test", "ncuser", "café", "山田", "o'brien", "user@example.org", "x" * 64]
     REFUSED = ["", " ", "a b", " lead", "trail ", "a\tb", "a\nb", "a\x00b", "a\x7f", "a\x85b",
-               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65]
+               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65,
+               "ad\u200bmin", "\u202eadmin", "a\ufeffb", "a\ue000b", "a\U000e0001b"]
 
     def test_the_rule(self):
         for name in self.ALLOWED:
