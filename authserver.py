@@ -63,6 +63,11 @@ from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
 
+try:
+    import resource                 # POSIX: the open-file limit (ulimit -n)
+except ImportError:
+    resource = None                 # Windows: no such limit on sockets
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -1183,6 +1188,32 @@ BUSY_RETRY_SECONDS = 1
 ACCEPT_SHORTAGES = {getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
                     if hasattr(errno, name)}
 ACCEPT_BACKOFF_SECONDS = (0.01, 0.5)        # first wait, longest wait (doubling between)
+# Open files kept for all but connections: the listening socket, the log, the users file...
+SPARE_FILES = 64
+
+
+def connections_files_allow(wanted, log):
+    """wanted, or fewer if the open-file limit (ulimit -n) is too low and cannot be raised.
+
+    Running out of files first would leave new clients waiting in the listen backlog for
+    an idle connection to time out; a cap that fits answers them 503 at once.
+    """
+    if resource is None:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    try:                            # a process may raise its own soft limit up to the hard one
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    except (ValueError, OSError):
+        pass
+    fitting = max(soft - SPARE_FILES, 1)
+    if fitting < wanted:
+        log(f"open files limited to {soft} (ulimit -n): at most {fitting} connections")
+    return min(wanted, fitting)
 
 
 class AuthServer(http.server.ThreadingHTTPServer):
@@ -1203,8 +1234,8 @@ class AuthServer(http.server.ThreadingHTTPServer):
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
         self.deadlines = {}              # connection -> (monotonic deadline, how to cut it)
-        self.connections = ConnectionSlots(config["maxConnections"],
-                                           config["maxConnectionsPerAddress"])
+        most = connections_files_allow(config["maxConnections"], self.log)
+        self.connections = ConnectionSlots(most, config["maxConnectionsPerAddress"])
         self.accept_backoff = 0.0        # seconds to wait after accept() fails for want of files
         self.in_flight = InFlight()
         self.stopping = False

@@ -1456,6 +1456,46 @@ class TestConnsExhaustion(unittest.TestCase):
         self.assertEqual(server.connections.total, 0)
         self.assertEqual(raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
 
+    def fake_resource(self, soft, hard, may_raise):
+        """The resource module of a POSIX system with these open-file limits."""
+        infinity = -1
+        limits = [soft, hard]
+
+        def setrlimit(which, values):
+            if not may_raise or (hard != infinity and values[0] > hard):
+                raise ValueError("not allowed to raise the soft limit")
+            limits[0] = values[0]
+        return mock.Mock(RLIMIT_NOFILE=7, RLIM_INFINITY=infinity,
+                         getrlimit=lambda which: tuple(limits), setrlimit=mock.Mock(wraps=setrlimit))
+
+    def test_the_cap_fits_the_open_file_limit(self):
+        for soft, hard, may_raise, most, raised_to, logged in (
+                (256, 256, False, 192, None, True),          # ulimit -n 256: fewer connections
+                (256, 4096, True, 600, 664, False),          # soft limit raised to what is needed
+                (256, -1, True, 600, 664, False),            # hard limit: unlimited
+                (100, 400, True, 336, 400, True),            # raised as far as allowed
+                (256, 4096, False, 192, None, True),         # not allowed to raise it
+                (4096, 4096, True, 600, None, False),        # enough already
+                (-1, -1, True, 600, None, False)):           # no limit at all
+            with self.subTest(soft=soft, hard=hard, may_raise=may_raise):
+                fake = self.fake_resource(soft, hard, may_raise)
+                with mock.patch.object(authserver, "resource", fake):
+                    server = start_server(self)
+                self.assertEqual(server.connections.most, most)
+                if raised_to is not None:
+                    fake.setrlimit.assert_called_once_with(7, (raised_to, hard))
+                    self.assertEqual(fake.getrlimit(7)[0], raised_to)
+                log = server.test_log.getvalue()
+                self.assertEqual(f"open files limited to" in log, logged, log)
+                if logged:
+                    self.assertIn(f"at most {most} connections", log)
+
+    def test_without_an_open_file_limit_the_cap_is_as_configured(self):
+        with mock.patch.object(authserver, "resource", None):          # Windows
+            server = start_server(self, maxConnections=5000)
+        self.assertEqual(server.connections.most, 5000)
+        self.assertEqual(server.test_log.getvalue(), "")
+
     def test_connection_threads_are_not_kept_anywhere(self):
         server = start_server(self)
         for _ in range(20):
