@@ -1064,7 +1064,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(413, f"Body larger than {limit} bytes")
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.write_in_time(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.server.watch(self.connection)      # the body, within requestTimeout from now
         elif expect:
             raise HTTPError(417, "Only Expect: 100-continue is understood")
         body = self.rfile.read(length)

@@ -1521,6 +1521,34 @@ class TestConnsSlowReaders(unittest.TestCase):
         self.assertEqual(server.deadlines, {})
         self.assertEqual(raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
 
+    def test_a_blocked_100_continue_is_cut_off_too(self):
+        # A full send buffer: a write stays blocked until the socket's write side is shut,
+        # as in the kernel (shutting the read side does not wake a blocked send).
+        server = start_server(self, requestTimeout=0.5)
+        write_side_shut = threading.Event()
+        original = socket.socket.shutdown
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        self.addCleanup(sock.close)
+
+        def shutdown(this, how):
+            if this is sock and how in (socket.SHUT_WR, socket.SHUT_RDWR):
+                write_side_shut.set()
+            return original(this, how)
+
+        def blocked_write(data):
+            if not write_side_shut.wait(10):
+                raise AssertionError("still blocked")
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
+        handler.server, handler.connection, handler.command = server, sock, "POST"
+        handler.headers = {"content-length": "2", "expect": "100-continue"}
+        handler.wfile = mock.Mock(write=blocked_write)
+        server.watch(sock)                              # reading the request, as respond() does
+        with mock.patch.object(socket.socket, "shutdown", shutdown):
+            with self.assertRaises(authserver.ClientGone) as caught:
+                handler.read_body()
+        self.assertEqual(str(caught.exception), "response not taken in time")
+
     def test_a_client_that_reads_gets_its_answers_in_full(self):
         server = start_server(self, requestTimeout=0.5)
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
