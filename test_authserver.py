@@ -1409,16 +1409,17 @@ class TestConnsExhaustion(unittest.TestCase):
         def out_of_files(sock):
             if sock is listening:
                 calls.append(time.monotonic())
-                if calls[-1] - calls[0] < 0.5:               # for half a second, as with ulimit -n
+                if len(calls) <= 6:                         # as with ulimit -n, for a while
                     raise OSError(errno.EMFILE, "Too many open files")
             return original(sock)
         with mock.patch.object(socket.socket, "accept", out_of_files):
             # Waiting to be accepted the whole time, then answered.
             status, _, _ = raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual(status, 200)
-        failed = [moment for moment in calls if moment - calls[0] < 0.5]
-        self.assertGreaterEqual(len(failed), 3)
-        self.assertLessEqual(len(failed), 20)                 # a spin makes thousands
+        # Six failures, then success: in between, waits of 10, 20, 40, 80, 160 and 320 ms,
+        # where a spin retries at once (thousands of times in the same time).
+        self.assertEqual(len(calls), 7)
+        self.assertGreaterEqual(calls[6] - calls[0], 0.6)
         log = server.test_log.getvalue()
         self.assertEqual(log.count("cannot accept connections"), 1, log)
         self.assertIn("Too many open files", log)
@@ -1620,7 +1621,7 @@ class TestConnsTLS(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(b"\x16\x03\x01\x00\x05hello")          # a TLS record, not a hello
                 try:
-                    self.assertEqual(sock.recv(100)[:1], b"\x15")      # a TLS alert, or nothing
+                    self.assertIn(sock.recv(100)[:1], (b"\x15", b""))   # a TLS alert, or nothing
                 except ConnectionResetError:
                     pass
             distrusting = ssl.create_default_context()              # our cert is not its CA
