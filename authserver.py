@@ -34,16 +34,26 @@ It is the Node.js "JWT authentication server" tutorial's API, made safe: a teach
 example and a LAN demo, not a production identity provider (see README.md).
 """
 
+import sys
+
+# First, before anything an older Python cannot run: one line instead of a traceback.
+# (Python 3.6 to 3.8 get this far; 3.5 and 2.7 cannot even parse the f-strings below.)
+if sys.version_info < (3, 9):
+    sys.exit("authserver needs Python 3.9+ (this is %d.%d)" % sys.version_info[:2])
+
 import argparse
 import base64
 import binascii
+import contextlib
 import errno
 import functools
 import getpass
+import glob
 import hashlib
 import hmac
 import http.server
 import json
+import math
 import os
 import re
 import secrets
@@ -51,7 +61,6 @@ import signal
 import socket
 import socketserver
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -63,6 +72,11 @@ from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
 
+try:                                # POSIX: advisory whole-file locks
+    import fcntl
+except ImportError:                 # Windows: byte-range locks from the C runtime
+    fcntl = None
+    import msvcrt
 try:
     import resource                 # POSIX: the open-file limit (ulimit -n)
 except ImportError:
@@ -94,20 +108,39 @@ DEFAULT_CONFIG = {
     # leaves most of the common 1024 open files (ulimit -n) for everything else.
     "maxConnections": 600,         # connections open at once, in all; beyond: 503
     "maxConnectionsPerAddress": 300,  # ... and from one client address
-    "loginAttempts": 5,            # failed logins allowed per user and per address ...
-    "loginWindow": 60,             # ... in this many seconds
+    "loginAttempts": 5,            # password checks one username may start ...
+    "addressLoginAttempts": 50,    # ... and one client address (a whole class behind a NAT) ...
+    "loginWindow": 60,             # ... in this many seconds; a right password is not counted
     "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
 }
 
 MIN_SECRET_BYTES = 32          # RFC 7518 §3.2: an HS256 key at least as long as the hash
+MAX_ITERATIONS = 10_000_000    # PBKDF2 rounds: more would take minutes per login
 MAX_TOKEN_BYTES = 8192         # refuse longer tokens before doing any work on them
 MAX_LINE_BYTES = 8192          # request line
 MAX_HEADER_BYTES = 16384       # all header lines together, like Node's default
 MAX_HEADERS = 100
-DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+DURATION = re.compile(r"(\d{1,9})\s*([smhd]?)")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# The numeric settings: (int for whole numbers only, float for any number, lowest, highest).
+# Counts, sizes and the port are whole numbers; only times in seconds may be fractional.
+# The bounds keep every value usable where it goes (a deque length, a thread timeout).
+NUMBER_SETTINGS = {
+    "port": (int, 0, 65535),
+    "maxBodyBytes": (int, 1, 2 ** 30),
+    "loginAttempts": (int, 1, 1_000_000),
+    "addressLoginAttempts": (int, 1, 1_000_000),
+    "maxConnections": (int, 1, 1_000_000),
+    "maxConnectionsPerAddress": (int, 1, 1_000_000),
+    "loginWindow": (int, 1, 86400),
+    "passwordIterations": (int, 1, MAX_ITERATIONS),
+    "leeway": (float, 0, 86400),
+    "requestTimeout": (float, 0.001, 86400),
+    "shutdownGrace": (float, 0, 86400),
+}
 
 
 class ConfigError(Exception):
@@ -122,6 +155,17 @@ def parse_duration(value, name):
     if not match or int(match.group(1)) == 0:
         raise ConfigError(f'{name} must be a positive number of seconds or like "30m", "1h", "2d"')
     return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def checked_number(value, name, where):
+    """value, if NUMBER_SETTINGS allows it for name; else ConfigError naming where it came from."""
+    kind, lowest, highest = NUMBER_SETTINGS[name]
+    allowed = (int,) if kind is int else (int, float)     # type(), so that True is not 1
+    # NaN and infinities fail the range check as well.
+    if type(value) not in allowed or not lowest <= value <= highest:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{where}: {name} must be {what} from {lowest} to {highest}")
+    return value
 
 
 def read_json_file(path, what):
@@ -143,17 +187,12 @@ def load_config(path):
     if unknown:
         raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
-    config["tokenLifetime"] = parse_duration(config["tokenLifetime"], "tokenLifetime")
-    for name, lowest in (("leeway", 0), ("shutdownGrace", 0), ("requestTimeout", 0.001),
-                         ("maxBodyBytes", 1), ("loginAttempts", 1), ("loginWindow", 1),
-                         ("passwordIterations", 1)):
-        if type(config[name]) not in (int, float) or config[name] < lowest:
-            raise ConfigError(f"config file {path}: {name} must be a number >= {lowest}")
-    for name in ("maxConnections", "maxConnectionsPerAddress"):
-        if type(config[name]) is not int or config[name] < 1:
-            raise ConfigError(f"config file {path}: {name} must be a whole number >= 1")
-    if type(config["port"]) is not int or not 0 <= config["port"] <= 65535:
-        raise ConfigError(f"config file {path}: port must be a whole number from 0 to 65535")
+    config["tokenLifetime"] = parse_duration(config["tokenLifetime"],
+                                             f"config file {path}: tokenLifetime")
+    for name in NUMBER_SETTINGS:
+        checked_number(config[name], name, f"config file {path}")
+    if type(config["accessLog"]) is not bool:
+        raise ConfigError(f"config file {path}: accessLog must be true or false")
     for name in ("secret", "secretFile", "host"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
@@ -183,6 +222,61 @@ def write_file_atomically(path, text, mode=0o600):
         raise
 
 
+# Two writers that each read a file, change it and write it back lose one change unless
+# the whole read-modify-write is one critical section. A lock on the file itself is no
+# good: os.replace puts a new file (a new inode) under the name, and Windows refuses to
+# replace a file another process holds open. So the lock lives in a companion file,
+# "<name>.lock", made once and never removed (removing it would let two writers lock two
+# different files). The thread lock covers writers in one process, whatever the platform's
+# file locks do between threads.
+IN_PROCESS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold the exclusive lock for path, across threads and processes, until the block ends."""
+    path = Path(path)
+    with IN_PROCESS_LOCK, open(path.with_name(path.name + ".lock"), "a+b") as lock:
+        lock_file(lock)
+        try:
+            yield
+        finally:
+            unlock_file(lock)
+
+
+def lock_file(handle):
+    """Block until this process holds the lock on handle (flock, or msvcrt on Windows)."""
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        return
+    handle.seek(0)
+    while True:
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+            return
+        except OSError as error:    # LK_LOCK gives up after 10 one-second tries; we don't
+            if error.errno != getattr(errno, "EDEADLOCK", errno.EDEADLK):
+                raise
+
+
+def unlock_file(handle):
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    else:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporary copies a writer killed before its rename left beside path.
+
+    Call it only with file_lock(path) held: then no live writer is halfway through one.
+    """
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        leftover.unlink(missing_ok=True)
+
+
 def load_secret(config):
     """The HMAC key as bytes: config's "secret", else secretFile, made on first start."""
     if config["secret"]:
@@ -190,9 +284,12 @@ def load_secret(config):
     path = config["path"].parent / config["secretFile"]
     if not path.exists():
         # 256 random bits, different on every install: a secret shipped in the
-        # repository would let anyone who read it sign tokens for any user.
+        # repository would let anyone who read it sign tokens for any user. Made under
+        # the lock, so two servers started together do not each make their own.
         try:
-            write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
+            with file_lock(path):
+                if not path.exists():
+                    write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
         except OSError as error:
             raise ConfigError(f"cannot create secret file {path}: {error}") from None
     try:
@@ -382,8 +479,8 @@ def read_payload(payload_segment):
 
 
 def is_number(value):
-    """JSON numbers only: True and "1700000000" are not times."""
-    return type(value) in (int, float)
+    """Finite JSON numbers only: True, "1700000000" and 1e400 (inf to Python) are not times."""
+    return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
 def check_claims(claims, now, leeway=0, issuer=None, audience=None):
@@ -401,7 +498,9 @@ def check_claims(claims, now, leeway=0, issuer=None, audience=None):
     # We always set exp, so a token without one was not made by us.
     if not is_number(claims.get("exp")):
         raise TokenError("invalid exp value")
-    if now >= claims["exp"] + leeway:
+    # now - leeway, not exp + leeway: an int exp beyond a float's range cannot be added to
+    # a float leeway, but compares with a float exactly.
+    if now - leeway >= claims["exp"]:
         raise TokenExpiredError("jwt expired")
     if audience is not None:
         presented = claims.get("aud")
@@ -431,7 +530,6 @@ def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
 # string says how it was made, so the iteration count can rise without breaking
 # old hashes. PBKDF2-HMAC-SHA256 at 600,000 rounds is OWASP's 2023 advice.
 HASH_ALGORITHM = "pbkdf2_sha256"
-MAX_ITERATIONS = 10_000_000
 
 
 def hash_password(password, iterations=DEFAULT_CONFIG["passwordIterations"], salt=None):
@@ -475,6 +573,26 @@ def public_record(user):
     return {name: value for name, value in user.items() if "password" not in name.lower()}
 
 
+# One rule for usernames, applied when the server loads users.json and when adduser
+# writes it, so the command line can never write a file the server then refuses. Letters
+# of any script are welcome (café, 山田); whitespace, control characters and lone surrogates
+# (argv bytes that were not UTF-8) are not: nobody can see them, let alone type them.
+MAX_USERNAME_CHARS = 64
+NOT_IN_USERNAMES = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_username(name, where):
+    """ConfigError, starting with where, unless name is a username users.json may hold."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: a username must be non-empty text, not {name!r}")
+    if len(name) > MAX_USERNAME_CHARS:
+        raise ConfigError(f"{where}: username {name[:20]!r}... is longer than "
+                          f"{MAX_USERNAME_CHARS} characters")
+    if NOT_IN_USERNAMES.search(name):
+        raise ConfigError(f"{where}: username {name!r} contains whitespace or a control "
+                          f"character")
+
+
 def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
@@ -482,8 +600,7 @@ def check_users(users, path):
     seen_names, seen_ids = set(), set()
     for user in users:
         name, user_id = user.get("username"), user.get("id")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"users file {path}: every user needs a username")
+        check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
         if name in seen_names or user_id in seen_ids:
@@ -500,6 +617,69 @@ def check_users(users, path):
             raise ConfigError(
                 f"users file {path}: user {name!r} has no valid passwordHash; set one "
                 f"with: python authserver.py passwd {name} --users {path}") from None
+
+
+# -- changing users.json: adduser, passwd and sign-up, one writer at a time ----
+
+class UsernameTaken(ConfigError):
+    """adduser or sign-up for a name users.json already has."""
+
+
+def read_users_list(path):
+    """The raw list in users.json, to be edited."""
+    users = read_json_file(path, "users file")
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
+        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
+    return users
+
+
+def save_users(path, users):
+    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
+
+
+def update_users_file(path, change):
+    """Read users.json, let change(users) edit the list, write it back: one locked step.
+
+    Returns what change returns. Slow work (hashing a password) belongs before the call,
+    so that the lock is held for a read and a write only.
+    """
+    with file_lock(path):
+        remove_stale_temporaries(path)
+        users = read_users_list(path)
+        result = change(users)
+        save_users(path, users)
+    return result
+
+
+def find_record(users, username):
+    return next((user for user in users if user.get("username") == username), None)
+
+
+def find_user_record(users, username, path):
+    """The record for username; ConfigError naming the file if there is none."""
+    user = find_record(users, username)
+    if user is None:
+        raise ConfigError(f"no user {username!r} in {path}")
+    return user
+
+
+def refuse_taken(users, username, path):
+    if find_record(users, username) is not None:
+        raise UsernameTaken(f"user {username!r} already exists in {path}; "
+                            f"use: python authserver.py passwd {username}")
+
+
+def add_user_record(path, username, password_hash, fields):
+    """Append a user with a fresh random id to users.json; UsernameTaken if the name is."""
+    def append(users):
+        refuse_taken(users, username, path)
+        taken = {user.get("id") for user in users}
+        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
+                       if candidate not in taken)
+        record = {"id": user_id, "username": username, "passwordHash": password_hash, **fields}
+        users.append(record)
+        return record
+    return update_users_file(path, append)
 
 
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
@@ -581,41 +761,52 @@ class UserStore:
 
 
 class LoginLimiter:
-    """Failed logins per key (a username, an address) in a sliding window.
+    """Password checks started per key, ("user", name) or ("address", ip), in a sliding window.
 
-    The table holds at most max_keys keys, dropping the least recently failed, so a
-    flood of made-up usernames cannot grow it without limit.
+    A check is counted when it starts, in the same locked step that finds it allowed:
+    counting only failures already made would let a burst of guesses sent at once all
+    through before the first one is counted. limits gives each kind of key its own limit.
+    The table holds at most max_keys keys, dropping the least recently used, so a flood
+    of made-up usernames cannot grow it without limit.
     """
 
-    def __init__(self, attempts, window, max_keys=10000):
-        self.attempts, self.window, self.max_keys = attempts, window, max_keys
-        self.failures = OrderedDict()            # key -> deque of failure times
+    def __init__(self, limits, window, max_keys=10000):
+        self.limits, self.window, self.max_keys = limits, window, max_keys
+        self.started = OrderedDict()             # key -> deque of start times, oldest first
         self.lock = threading.Lock()
 
-    def retry_after(self, keys, now):
-        """Seconds until any of keys may try again; 0 if all may try now."""
-        wait = 0.0
+    def reserve(self, keys, now):
+        """Count one check against every key and return 0; or, if any key has none left,
+        count nothing and return the whole seconds until it has one."""
         with self.lock:
+            waits = []
             for key in keys:
-                times = self.failures.get(key)
+                times = self.started.get(key)
                 while times and times[0] <= now - self.window:
                     times.popleft()
-                if times and len(times) >= self.attempts:
-                    wait = max(wait, times[0] + self.window - now)
-        return int(wait) + 1 if wait else 0
-
-    def record_failure(self, keys, now):
-        with self.lock:
+                if times and len(times) >= self.limits[key[0]]:
+                    waits.append(times[0] + self.window - now)
+            if waits:
+                return int(max(waits)) + 1
             for key in keys:
-                times = self.failures.pop(key, None) or deque(maxlen=max(self.attempts, 1))
+                times = self.started.pop(key, None) or deque()
                 times.append(now)
-                self.failures[key] = times
-            while len(self.failures) > self.max_keys:
-                self.failures.popitem(last=False)
+                self.started[key] = times       # to the end: the most recently used
+            while len(self.started) > self.max_keys:
+                self.started.popitem(last=False)
+        return 0
+
+    def release(self, key, now):
+        """Take back the check counted against key at now (a right password)."""
+        with self.lock:
+            times = self.started.get(key)
+            if times and now in times:
+                times.remove(now)
 
     def forget(self, key):
+        """Start key's count afresh."""
         with self.lock:
-            self.failures.pop(key, None)
+            self.started.pop(key, None)
 
 
 def decode_password(encoded):
@@ -809,8 +1000,9 @@ def authenticate(request):
     username, encoded_password = read_credentials(request)
     server, now = request.server, time.time()
     limiter = server.limiter
-    keys = (("user", username), ("address", request.client_address[0]))
-    wait = limiter.retry_after(keys, now)
+    user_key, address_key = ("user", username), ("address", request.client_address[0])
+    # The check is counted before the hash is computed, so no burst gets more than the limit.
+    wait = limiter.reserve((user_key, address_key), now)
     if wait:
         raise HTTPError(429, f"Too many failed logins; try again in {wait} seconds",
                         headers=(("Retry-After", str(wait)),))
@@ -820,9 +1012,10 @@ def authenticate(request):
     with server.hashing:
         matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
-        limiter.record_failure(keys, now)
         raise HTTPError(400, "Username or password is incorrect")
-    limiter.forget(keys[0])
+    limiter.forget(user_key)                 # the user's count starts afresh ...
+    limiter.release(address_key, now)        # ... and a right password is not held against
+                                             # the others who share the address
     config = server.config
     claims = make_claims(user.record, now, config["tokenLifetime"], config["issuer"],
                          config["audience"])
@@ -1059,9 +1252,11 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             return b""
         if not (length_text.isascii() and length_text.isdigit()):
             raise HTTPError(400, "Bad Content-Length")
-        length, limit = int(length_text), self.server.config["maxBodyBytes"]
-        if length > limit:
+        digits, limit = length_text.lstrip("0") or "0", self.server.config["maxBodyBytes"]
+        # Count the digits before int(): Python refuses to convert more than 4,300 of them.
+        if len(digits) > len(str(limit)) or int(digits) > limit:
             raise HTTPError(413, f"Body larger than {limit} bytes")
+        length = int(digits)
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
             self.write_in_time(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1227,10 +1422,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
-        self.limiter = LoginLimiter(config["loginAttempts"], config["loginWindow"])
+        self.limiter = LoginLimiter({"user": config["loginAttempts"],
+                                     "address": config["addressLoginAttempts"]},
+                                    config["loginWindow"])
         # One password hash per CPU at a time: a burst of logins waits its turn instead of
-        # taking every core from the requests behind it. (The limiter counts only failures
-        # already made, so it cannot stop a burst sent all at once.)
+        # taking every core from the requests behind it.
         self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
@@ -1404,8 +1600,13 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     config = load_config(config_path or HERE / "config.json")
     key = load_secret(config)
     users = UserStore(users_path or HERE / "users.json")
+    try:
+        with file_lock(users.path):
+            remove_stale_temporaries(users.path)    # left by a writer that was killed
+    except OSError:
+        pass                # a read-only folder: then nobody can have left anything there
     host = config["host"] if host is None else host
-    port = config["port"] if port is None else port
+    port = config["port"] if port is None else checked_number(port, "port", "--port")
     try:
         server = AuthServer((host, port), config, users, key, tls_context, log_stream)
     except OSError as error:
@@ -1498,30 +1699,26 @@ def serve(args):
 
 # -- managing users -----------------------------------------------------------
 
-def read_users_list(path):
-    """The raw list in users.json, for adduser and passwd to edit."""
-    users = read_json_file(path, "users file")
-    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
-        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    return users
-
-
 def read_new_password(stdin=None):
     """From the terminal with getpass (asked twice), or one line from stdin for scripts."""
     stdin = stdin or sys.stdin
-    if stdin.isatty():
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Repeat it: ") != password:
-            raise ConfigError("the two passwords differ")
-    else:
-        password = stdin.readline().rstrip("\r\n")
+    try:
+        if stdin.isatty():
+            password = getpass.getpass("New password: ")
+            if getpass.getpass("Repeat it: ") != password:
+                raise ConfigError("the two passwords differ")
+        else:
+            line = stdin.readline()
+            if not line:
+                raise EOFError
+            password = line.rstrip("\r\n")
+    except EOFError:                    # Ctrl-D at the prompt, or nothing piped in
+        if stdin.isatty():
+            print(file=sys.stderr)      # getpass left the cursor after its prompt
+        raise ConfigError("no password given (end of input)") from None
     if not password:
         raise ConfigError("empty password refused")
     return password
-
-
-def save_users(path, users):
-    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
 
 
 def iterations_from(config_path):
@@ -1530,35 +1727,30 @@ def iterations_from(config_path):
 
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
+    check_username(args.username, "adduser")
     path = Path(args.users or HERE / "users.json")
-    users = read_users_list(path)
-    if any(user.get("username") == args.username for user in users):
-        raise ConfigError(f"user {args.username!r} already exists in {path}; "
-                          f"use: python authserver.py passwd {args.username}")
-    taken = {user.get("id") for user in users}
-    user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
-                   if candidate not in taken)
-    user = {"id": user_id, "username": args.username,
-            "passwordHash": hash_password(read_new_password(), iterations_from(args.config))}
-    for field, value in (("firstName", args.first_name), ("lastName", args.last_name),
-                         ("phone", args.phone)):
-        if value is not None:
-            user[field] = value
-    save_users(path, users + [user])
-    print(f"added user {args.username!r} (id {user_id}) to {path}")
+    refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
+    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    fields = {field: value for field, value in (("firstName", args.first_name),
+                                                ("lastName", args.last_name),
+                                                ("phone", args.phone)) if value is not None}
+    record = add_user_record(path, args.username, password_hash, fields)
+    print(f"added user {args.username!r} (id {record['id']}) to {path}")
     return 0
 
 
 def change_password(args):
     """python authserver.py passwd NAME: a new password hash, every other field kept."""
     path = Path(args.users or HERE / "users.json")
-    users = read_users_list(path)
-    user = next((user for user in users if user.get("username") == args.username), None)
-    if user is None:
-        raise ConfigError(f"no user {args.username!r} in {path}")
-    user.pop("password", None)
-    user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
-    save_users(path, users)
+    find_user_record(read_users_list(path), args.username, path)     # before the prompt
+    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+
+    def set_hash(users):
+        user = find_user_record(users, args.username, path)
+        user.pop("password", None)
+        user["passwordHash"] = password_hash
+
+    update_users_file(path, set_hash)
     print(f"password changed for {args.username!r} in {path}")
     return 0
 
@@ -1587,6 +1779,7 @@ class Narrator:
     def __init__(self, stream):
         self.stream = stream
         self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
+        self.after_failure = []         # lines a failed step leaves to say after its FAIL
 
     def paint(self, text, style):
         return f"\033[{self.COLOURS[style]}m{text}\033[0m" if self.colour else text
@@ -1601,6 +1794,30 @@ class Narrator:
     def check(self, passed, text):
         mark = self.paint("ok  ", "ok") if passed else self.paint("FAIL", "fail")
         self.say(f"   {mark} {text}")
+
+
+def printable(text):
+    """text with anything a terminal might obey (escape sequences) shown as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def claims_lines(claims, now):
+    """The claims as JSON, then iat, nbf and exp as dates: what step 4 shows."""
+    lines = [f"   {printable(COMPACT_JSON.encode(claims))}"]
+    return lines + [f"   {describe_time(name, claims[name], now)}"
+                    for name in ("iat", "nbf", "exp") if name in claims]
+
+
+def untrusted_payload_lines(payload_segment, now, narrator):
+    """The payload of a token whose signature failed: readable, but not trusted."""
+    warning = narrator.paint("Readable, but not trusted:", "fail")
+    try:
+        claims = parse_json_object(b64url_decode(payload_segment))
+    except ValueError:
+        return ["", f"   {warning} (the payload is not even base64url JSON: nothing to read)"]
+    return ["", f"   {warning} the payload is only base64url (encoded, not encrypted),",
+            "   and without a valid signature anyone could have written it:"
+            ] + claims_lines(claims, now)
 
 
 def describe_time(name, value, now):
@@ -1629,7 +1846,7 @@ def explain_steps(token, key, config, users, narrator, now):
     try:
         header_text = b64url_decode(header_segment).decode("utf-8", "replace")
         # A hostile token must not reach the terminal's control sequences.
-        narrator.say("   " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in header_text))
+        narrator.say("   " + printable(header_text))
     except ValueError:
         narrator.say("   (not base64url)")
     read_header(header_segment)
@@ -1644,15 +1861,18 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
     narrator.say(f"   presented {narrator.paint(signature_segment or '(empty)', 'signature')}")
-    check_signature(signing_input, signature_segment, key)
+    try:
+        check_signature(signing_input, signature_segment, key)
+    except TokenError:
+        # The lesson of a failed signature: the claims were never secret, only unproven.
+        narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
+        raise
     narrator.check(True, "they match (hmac.compare_digest, constant time)")
 
     narrator.step(4, "Decode the payload: base64url -> JSON  (read_payload)")
     claims = read_payload(payload_segment)
-    narrator.say(f"   {COMPACT_JSON.encode(claims)}")
-    for name in ("iat", "nbf", "exp"):
-        if name in claims:
-            narrator.say(f"   {describe_time(name, claims[name], now)}")
+    for line in claims_lines(claims, now):
+        narrator.say(line)
 
     narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
     check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
@@ -1664,19 +1884,52 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
 
 
+# What devtools and curl show is the whole header line, and that is what gets copied.
+PASTED_HEADER = re.compile(
+    r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)", re.I | re.S)
+
+
+def read_token(args):
+    """The token to explain: the argument, or stdin (piped in, or pasted after "explain -")."""
+    if args.token not in (None, "-"):
+        return args.token.strip()
+    if sys.stdin.isatty():
+        if args.token is None:          # waiting silently for input would look like a hang
+            sys.stderr.write(args.usage())
+            raise ConfigError("give the token as an argument, or pipe it in: "
+                              "... | python authserver.py explain")
+        print("Paste the token, then Enter:", file=sys.stderr, flush=True)
+        text = sys.stdin.readline()
+    else:
+        text = sys.stdin.read()
+    if not text.strip():
+        raise ConfigError("no token on stdin")
+    return text.strip()
+
+
 def explain(args):
     """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
-    token = args.token if args.token not in (None, "-") else sys.stdin.read()
-    token = token.strip()
+    token = read_token(args)
     config = load_config(args.config or HERE / "config.json")
     key = load_secret(config)
     users = UserStore(args.users or HERE / "users.json")
     narrator = Narrator(sys.stdout)
     now = time.time()
+    pasted = PASTED_HEADER.fullmatch(token)
+    if pasted:
+        # Go on with the token, as a teacher would; the server itself refuses the whole line.
+        token = pasted.group(2).strip()
+        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
+        narrator.say(f"Note: this looks like a whole header; the token is the part after "
+                     f"'{after}'.")
+        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
+                     "jwt malformed.)")
     try:
         explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:
         narrator.check(False, f"{error.name}: {error}")
+        for line in narrator.after_failure:
+            narrator.say(line)
         narrator.say()
         narrator.say(narrator.paint(
             f"Verdict: rejected. The server answers 401 "
@@ -1722,17 +1975,29 @@ def build_parser():
     explain_command = commands.add_parser("explain", parents=[files],
                                           help="verify a token step by step")
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
-    explain_command.set_defaults(action=explain)
+    explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.action(args)
+        code = args.action(args)
+        sys.stdout.flush()              # a closed pipe is reported here, not at exit
+        return code
+    except BrokenPipeError:
+        # Whoever read our output went away (explain ... | head): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as error:
         print(f"authserver: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C in a command (the server stops cleanly on its own): one line, and the
+        # shell's code for "ended by SIGINT". On a terminal, first end the prompt's line.
+        print("\nauthserver: interrupted" if sys.stderr.isatty() else "authserver: interrupted",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
