@@ -2812,6 +2812,20 @@ class TestConnsCaps(unittest.TestCase):
         self.assertEqual(self.server.connections.total, 4)
         self.assertNotIn("Traceback", self.server.test_log.getvalue())
 
+    def test_the_503_is_sent_without_blocking_the_accept_loop(self):
+        self.hold(4)
+        blocking_at_send = []
+        original = socket.socket.send
+
+        def recording(sock, data, *flags):
+            if bytes(data).startswith(b"HTTP/1.1 503 "):
+                blocking_at_send.append(sock.getblocking())
+            return original(sock, data, *flags)
+        with mock.patch.object(socket.socket, "send", recording):
+            with connect_from(self.server) as fifth:
+                self.assertEqual(read_response(fifth)[0], 503)
+        self.assertEqual(blocking_at_send, [False])
+
     def test_another_address_is_served_while_one_is_at_its_cap_then_the_total_cap(self):
         try:
             connect_from(self.server, "127.0.0.2").close()
