@@ -79,6 +79,10 @@ try:                                # POSIX: advisory whole-file locks
 except ImportError:                 # Windows: byte-range locks from the C runtime
     fcntl = None
     import msvcrt
+try:
+    import resource                 # POSIX: the open-file limit (ulimit -n)
+except ImportError:
+    resource = None                 # Windows: no such limit on sockets
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,7 +103,13 @@ DEFAULT_CONFIG = {
     "issuer": None,                # when set: tokens carry "iss" and must carry it back
     "audience": None,              # likewise "aud"
     "maxBodyBytes": 16384,
-    "requestTimeout": 10,          # seconds a client has to send a whole request
+    "requestTimeout": 10,          # seconds a client has to send a whole request, and
+                                   # to take in a whole response
+    # A class of 50 phones behind one address (a NAT, or emulators on the laptop) with a
+    # browser's 6 connections each fits under the per-address cap; twice that in all
+    # leaves most of the common 1024 open files (ulimit -n) for everything else.
+    "maxConnections": 600,         # connections open at once, in all; beyond: 503
+    "maxConnectionsPerAddress": 300,  # ... and from one client address
     "loginAttempts": 5,            # password checks one username may start ...
     "addressLoginAttempts": 50,    # ... and one client address (a whole class behind a NAT) ...
     "loginWindow": 60,             # ... in this many seconds; a right password is not counted
@@ -130,6 +140,8 @@ NUMBER_SETTINGS = {
     "maxBodyBytes": (int, 1, 2 ** 30),
     "loginAttempts": (int, 1, 1_000_000),
     "addressLoginAttempts": (int, 1, 1_000_000),
+    "maxConnections": (int, 1, 1_000_000),
+    "maxConnectionsPerAddress": (int, 1, 1_000_000),
     "loginWindow": (int, 1, 86400),
     "passwordIterations": (int, 1, MAX_ITERATIONS),
     "leeway": (float, 0, 86400),
@@ -805,6 +817,8 @@ class UserStore:
         with self.reloading:
             self.next_check = now + self.RECHECK_SECONDS
             if self.file_stamp() == self.stamp:
+                if force:                           # asked (SIGHUP): say that nothing changed
+                    self.log(f"users file unchanged: {len(self.tables[0])} users")
                 return
             try:
                 self.tables = self.read()
@@ -1899,6 +1913,7 @@ KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TR
 TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+HOST_HEADER = re.compile(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 
 
 class ClientGone(ConnectionError):
@@ -1915,9 +1930,13 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     # response in one piece anyway; this makes sure nothing waits.
     disable_nagle_algorithm = True
 
+    speaks_plain_http = False          # set when plain HTTP arrives on the HTTPS port
+
     def setup(self):
         """Wrap in TLS here, in the connection's own thread, not in the accept loop."""
-        if self.server.tls_context is not None:
+        if self.server.tls_context is not None and self.sends_plain_http():
+            self.speaks_plain_http = True
+        elif self.server.tls_context is not None:
             self.request = self.server.tls_context.wrap_socket(
                 self.request, server_side=True, do_handshake_on_connect=False)
             self.server.watch(self.request)
@@ -1930,12 +1949,50 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.server.unwatch(self.request)
         super().setup()
 
+    def sends_plain_http(self):
+        """Peek at the first byte: a TLS handshake starts with 0x16, an HTTP method with A-Z."""
+        self.server.watch(self.request)             # a client that sends nothing is cut off
+        try:
+            first = self.request.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return False                            # the handshake will fail and say why
+        finally:
+            self.server.unwatch(self.request)
+        return first.isalpha() and first.isupper()
+
     def finish(self):
         """Always run, even after an error: forget the connection, close TLS."""
         self.server.unwatch(self.connection)
         super().finish()
         if self.server.tls_context is not None:
             self.request.close()    # socketserver closes only the plain socket TLS took over
+
+    def handle(self):
+        """Requests until the connection closes; on the HTTPS port, plain HTTP gets a hint."""
+        if self.speaks_plain_http:
+            self.answer_plain_http()
+        else:
+            super().handle()
+
+    def answer_plain_http(self):
+        """400 in plain HTTP, which a browser or curl shows, instead of a silent close."""
+        self.command, self.route_path = "-", "-"
+        self.server.watch(self.connection)
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        self.started = time.perf_counter()
+        try:
+            self.read_request(line)         # read it all: closing on unread bytes resets
+        except (HTTPError, ClientGone):
+            pass
+        finally:
+            self.server.unwatch(self.connection)
+        host = getattr(self, "headers", {}).get("host", "")
+        if not HOST_HEADER.fullmatch(host):
+            address, port = self.server.server_address[:2]
+            host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        path = self.route_path if self.route_path.startswith("/") else "/"
+        self.close_connection = True
+        self.send(Response(400, {"message": f"This port speaks HTTPS: use https://{host}{path}"}))
 
     def handle_one_request(self):
         """Wait for a request; from its first byte on, it is in flight until answered."""
@@ -2046,7 +2103,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         length = int(digits)
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.write_in_time(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.server.watch(self.connection)      # the body, within requestTimeout from now
         elif expect:
             raise HTTPError(417, "Only Expect: 100-continue is understood")
         body = self.rfile.read(length)
@@ -2085,7 +2143,23 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         head = "".join(lines).encode("latin-1")
         # Log first, so the line is written by the time the client has its answer.
         self.server.log_request(self, status, now)
-        self.wfile.write(head if self.command == "HEAD" or status == 204 else head + payload)
+        self.write_in_time(head if self.command == "HEAD" or status == 204 else head + payload)
+
+    def write_in_time(self, data):
+        """Write data within requestTimeout, or fail: a client that does not read holds no thread.
+
+        A socket timeout would not do: it restarts whenever the client reads a byte.
+        """
+        server = self.server
+        server.watch(self.connection, socket.SHUT_RDWR)
+        try:
+            self.wfile.write(data)
+        except OSError:
+            if server.overdue(self.connection):
+                raise ClientGone("response not taken in time") from None
+            raise
+        finally:
+            server.unwatch(self.connection)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors, made JSON like all of ours."""
@@ -2118,8 +2192,72 @@ class InFlight:
             return self.changed.wait_for(lambda: self.count == 0, timeout)
 
 
+class ConnectionSlots:
+    """Connections open now, in all and per client address, within the two caps."""
+
+    def __init__(self, most, most_per_address):
+        self.most, self.most_per_address = most, most_per_address
+        self.total = 0
+        self.per_address = {}            # only addresses with a connection open: bounded
+        self.lock = threading.Lock()
+
+    def take(self, address):
+        """A slot for a new connection from address: None if taken, else why not."""
+        with self.lock:
+            if self.total >= self.most:
+                return "Server busy: too many connections; try again in a moment"
+            if self.per_address.get(address, 0) >= self.most_per_address:
+                return "Too many connections from your address; try again in a moment"
+            self.total += 1
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+            return None
+
+    def release(self, address):
+        with self.lock:
+            self.total -= 1
+            left = self.per_address.pop(address) - 1
+            if left:
+                self.per_address[address] = left
+
+
+# What a connection beyond a cap gets, written whole by the accept loop itself. Retry-After
+# is short because slots free up fast: every connection's reads and writes are timed.
+BUSY_RETRY_SECONDS = 1
+# accept() failing for want of a resource (files, buffers, memory): the listening socket
+# stays readable, so retrying at once would spin. These back off instead.
+ACCEPT_SHORTAGES = {getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+                    if hasattr(errno, name)}
+ACCEPT_BACKOFF_SECONDS = (0.01, 0.5)        # first wait, longest wait (doubling between)
+# Open files kept for all but connections: the listening socket, the log, the users file...
+SPARE_FILES = 64
+
+
+def connections_files_allow(wanted, log):
+    """wanted, or fewer if the open-file limit (ulimit -n) is too low and cannot be raised.
+
+    Running out of files first would leave new clients waiting in the listen backlog for
+    an idle connection to time out; a cap that fits answers them 503 at once.
+    """
+    if resource is None:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    try:                            # a process may raise its own soft limit up to the hard one
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    except (ValueError, OSError):
+        pass
+    fitting = max(soft - SPARE_FILES, 1)
+    if fitting < wanted:
+        log(f"open files limited to {soft} (ulimit -n): at most {fitting} connections")
+    return min(wanted, fitting)
+
+
 class AuthServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, plus one watchman that cuts off slow clients."""
+    """A thread per connection, within caps, plus one watchman that cuts off slow clients."""
 
     daemon_threads = True
     request_queue_size = 1024       # the default of 5 drops connections in a burst
@@ -2138,7 +2276,10 @@ class AuthServer(http.server.ThreadingHTTPServer):
         self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
-        self.deadlines = {}
+        self.deadlines = {}              # connection -> (monotonic deadline, how to cut it)
+        most = connections_files_allow(config["maxConnections"], self.log)
+        self.connections = ConnectionSlots(most, config["maxConnectionsPerAddress"])
+        self.accept_backoff = 0.0        # seconds to wait after accept() fails for want of files
         self.in_flight = InFlight()
         self.stopping = False
         self.stopped = threading.Event()
@@ -2157,35 +2298,116 @@ class AuthServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    # -- accepting, within the caps -----------------------------------------------
+
+    def get_request(self):
+        """accept(); when the system runs out of files or memory, wait a little, say it once."""
+        try:
+            accepted = super().get_request()
+        except OSError as error:
+            if error.errno not in ACCEPT_SHORTAGES:
+                raise                       # e.g. a client gone before accept: nothing to wait for
+            first, longest = ACCEPT_BACKOFF_SECONDS
+            if not self.accept_backoff:
+                self.log(f"cannot accept connections ({error.strerror or error}); "
+                         f"waiting until some close")
+            self.accept_backoff = min(self.accept_backoff * 2 or first, longest)
+            time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return accepted
+
+    def process_request(self, request, client_address):
+        """Give the connection a thread if a slot is free; else a 503 and close.
+
+        This replaces ThreadingMixIn's: its threads are daemons, which it does not keep
+        (Python 3.9-3.13 alike), and stop() waits for requests in flight, not for threads.
+        """
+        address = client_address[0]
+        refusal = self.connections.take(address)
+        if refusal is not None:
+            self.refuse_connection(request, refusal)
+            return
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as error:           # "can't start new thread"
+            self.connections.release(address)
+            self.log(f"{address} connection refused: {error}")
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        """The connection's thread; however it ends, its slot is given back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(client_address[0])
+
+    def refuse_connection(self, request, message):
+        """A 503 in one non-blocking send, then close: the accept loop never waits on a client.
+
+        On an HTTPS port the client expects a TLS handshake first, which would take time
+        here, so it is simply closed.
+        """
+        if self.tls_context is None:
+            body = json_bytes({"message": message})
+            head = (f"{STATUS_LINES[503]}Date: {http_date(int(time.time()))}\r\n"
+                    f"Server: {AuthRequestHandler.server_version}\r\n{COMMON_HEADERS}"
+                    f"Content-Type: application/json; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_SECONDS}\r\n"
+                    f"Connection: close\r\n\r\n")
+            try:
+                request.setblocking(False)
+                request.send(head.encode("latin-1") + body)
+                request.shutdown(socket.SHUT_WR)
+                request.recv(65536)          # what the client sent already: closing on
+            except OSError:                  # unread bytes would reset the connection
+                pass
+        self.shutdown_request(request)
+
     # -- slow clients ---------------------------------------------------------
 
-    def watch(self, connection):
-        """The client has requestTimeout seconds to send the next request, whole."""
-        self.deadlines[connection] = time.monotonic() + self.config["requestTimeout"]
+    def watch(self, connection, cut=socket.SHUT_RD):
+        """The client has requestTimeout seconds to send the next request, whole.
+
+        Also used for writing, with cut=SHUT_RDWR: then the client has as long to take
+        in a whole response, and a write it leaves blocked fails when that time is up.
+        """
+        self.deadlines[connection] = (time.monotonic() + self.config["requestTimeout"], cut)
 
     def unwatch(self, connection):
         self.deadlines.pop(connection, None)
 
     def overdue(self, connection):
-        deadline = self.deadlines.get(connection)
+        deadline, _ = self.deadlines.get(connection, (None, None))
         return deadline is not None and time.monotonic() >= deadline
 
     def cut_off_slow_clients(self):
-        """Shut the reading side of connections past their deadline.
+        """Shut connections past their deadline; between times, look at the users file.
 
         A per-read socket timeout is not enough: a client sending one byte every few
         seconds (slowloris) never trips it. Shutting down the read side wakes the
-        handler's blocked read with end-of-file; it then answers 408 and closes.
+        handler's blocked read with end-of-file; it then answers 408 and closes. A
+        client that does not read its answers is shut both ways: the blocked write fails.
         """
         interval = min(0.25, self.config["requestTimeout"] / 4) or 0.05
         while not self.stopped.wait(interval):
             now = time.monotonic()
-            for connection, deadline in list(self.deadlines.items()):
+            for connection, (deadline, cut) in list(self.deadlines.items()):
                 if deadline <= now:
                     try:
-                        socket.socket.shutdown(connection, socket.SHUT_RD)
+                        socket.socket.shutdown(connection, cut)
                     except OSError:
                         pass
+            self.notice_users_file()
+
+    def notice_users_file(self):
+        """An idle server notices an edited users file too (refresh checks once a second)."""
+        try:
+            self.users.refresh()
+        except Exception:                # the watchman must live on: our bug, logged
+            self.log(f"error checking the users file:\n{traceback.format_exc()}")
 
     # -- logging ------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 """
 
 import base64
+import errno
 import hashlib
 import hmac
 import http
@@ -821,6 +822,7 @@ class TestHostileHTTP(SharedServerCase):
         # http.server's own error path, kept as a safety net: JSON like every other answer.
         handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
         handler.server, handler.wfile = self.server, io.BytesIO()
+        handler.connection = None           # no socket for the watchman to time the write on
         handler.command, handler.route_path, handler.request_version = "GET", "/", "HTTP/1.1"
         handler.client_address, handler.started = ("127.0.0.1", 1), time.perf_counter()
         handler.send_error(414)
@@ -930,7 +932,7 @@ class TestConnections(unittest.TestCase):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
 
     def test_slow_and_idle_clients_do_not_block_others_and_are_cut_off(self):
-        server = start_server(self, requestTimeout=1)
+        server = start_server(self, requestTimeout=1, maxConnectionsPerAddress=1000)
         port = server.server_address[1]
         stalled, idle = [], []
         try:
@@ -3737,6 +3739,422 @@ class TestSessionsStorage(SessionsCase):
                 with self.assertRaises(authserver.ConfigError) as caught:
                     authserver.load_config(files.config)
                 self.assertIn(message, str(caught.exception))
+# Connections within caps: 503 beyond them, accept errors, threads, slow readers
+# ---------------------------------------------------------------------------
+
+def wait_until(predicate, seconds=10):
+    """Poll predicate until it holds or seconds pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def connect_from(server, source="127.0.0.1"):
+    """A connection to server from a loopback address of our choice."""
+    return socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10,
+                                    source_address=(source, 0))
+
+
+class TestConnsConfig(unittest.TestCase):
+
+    def test_caps_must_be_whole_numbers_of_at_least_one(self):
+        for name in ("maxConnections", "maxConnectionsPerAddress"):
+            for bad in (0, -1, 2.5, 10.0, "10", True, None, 1_000_001):
+                with self.subTest(name=name, bad=bad):
+                    files = Files(self, **{name: bad})
+                    with self.assertRaises(authserver.ConfigError) as caught:
+                        authserver.load_config(files.config)
+                    self.assertEqual(str(caught.exception), f"config file {files.config}: "
+                                     f"{name} must be a whole number from 1 to 1000000")
+        config = authserver.load_config(Files(self, maxConnections=1,
+                                              maxConnectionsPerAddress=1).config)
+        self.assertEqual((config["maxConnections"], config["maxConnectionsPerAddress"]), (1, 1))
+
+    def test_defaults_fit_a_class_behind_one_address_and_the_common_file_limit(self):
+        defaults = authserver.DEFAULT_CONFIG
+        self.assertGreaterEqual(defaults["maxConnectionsPerAddress"], 50 * 6)
+        self.assertLess(defaults["maxConnections"], 1024 - 100)
+        self.assertGreater(defaults["maxConnections"], defaults["maxConnectionsPerAddress"])
+
+
+class TestConnsCaps(unittest.TestCase):
+    """One server with caps of 4 per address and 8 in all."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = start_server(cls, maxConnections=8, maxConnectionsPerAddress=4)
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def setUp(self):
+        self.held = []
+
+    def hold(self, count, source="127.0.0.1"):
+        """count idle connections from source, each counted by the server before the next."""
+        for _ in range(count):
+            before = self.server.connections.total
+            self.held.append(connect_from(self.server, source))
+            self.assertTrue(wait_until(lambda: self.server.connections.total == before + 1))
+
+    def assert_all_released(self):
+        connections = self.server.connections
+        self.assertTrue(wait_until(lambda: connections.total == 0), connections.total)
+        self.assertEqual(connections.per_address, {})
+
+    def tearDown(self):
+        for sock in self.held:               # close what the test held, then check it is freed
+            sock.close()
+        self.assert_all_released()
+
+    def assert_503(self, sock, message):
+        status, headers, body = read_response(sock)
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body), {"message": message})
+        self.assertEqual(headers.pop("date")[-3:], "GMT")
+        self.assertEqual(headers, {
+            "server": "authserver/1.0",
+            "access-control-allow-origin": "*",
+            "access-control-expose-headers": "WWW-Authenticate, Retry-After",
+            "x-content-type-options": "nosniff",
+            "cache-control": "no-store",
+            "content-type": "application/json; charset=utf-8",
+            "content-length": str(len(body)),
+            "retry-after": "1",
+            "connection": "close",
+        })
+        self.assertEqual(sock.recv(10), b"")                 # and closed
+
+    def test_beyond_the_per_address_cap_a_503_and_close(self):
+        self.hold(4)
+        with connect_from(self.server) as fifth:
+            self.assert_503(fifth, "Too many connections from your address; try again in a moment")
+        self.assertEqual(self.server.connections.total, 4)
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+
+    def test_the_503_is_sent_without_blocking_the_accept_loop(self):
+        self.hold(4)
+        blocking_at_send = []
+        original = socket.socket.send
+
+        def recording(sock, data, *flags):
+            if bytes(data).startswith(b"HTTP/1.1 503 "):
+                blocking_at_send.append(sock.getblocking())
+            return original(sock, data, *flags)
+        with mock.patch.object(socket.socket, "send", recording):
+            with connect_from(self.server) as fifth:
+                self.assertEqual(read_response(fifth)[0], 503)
+        self.assertEqual(blocking_at_send, [False])
+
+    def test_another_address_is_served_while_one_is_at_its_cap_then_the_total_cap(self):
+        try:
+            connect_from(self.server, "127.0.0.2").close()
+            connect_from(self.server, "127.0.0.3").close()
+        except OSError as error:
+            self.skipTest(f"cannot send from 127.0.0.2 / 127.0.0.3 here: {error}")
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.hold(4, "127.0.0.1")
+        with connect_from(self.server, "127.0.0.2") as neighbour:
+            neighbour.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            self.assertEqual(read_response(neighbour)[0], 200)
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 4))
+        self.hold(4, "127.0.0.2")                               # now 8: the server's cap
+        with connect_from(self.server, "127.0.0.3") as third:
+            self.assert_503(third, "Server busy: too many connections; try again in a moment")
+
+    def test_slots_are_given_back_however_a_connection_ends(self):
+        port = self.server.server_address[1]
+        for _ in range(3):
+            # answered and closed by the server
+            self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")[0], 200)
+            # a client error, then closed
+            self.assertEqual(raw_exchange(self.server, b"NOT HTTP\r\n\r\n")[0], 400)
+            # closed by the client while idle, and in the middle of a request
+            connect_from(self.server).close()
+            with connect_from(self.server) as sock:
+                sock.sendall(b"POST /users/authenticate HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+            # reset by the client (RST, not FIN)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self.assert_all_released()
+        self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
+
+
+class TestConnsExhaustion(unittest.TestCase):
+
+    def test_accept_out_of_files_backs_off_logs_one_line_and_serves_after(self):
+        server = start_server(self)
+        listening, original = server.socket, socket.socket.accept
+        calls = []
+
+        def out_of_files(sock):
+            if sock is listening:
+                calls.append(time.monotonic())
+                if len(calls) <= 6:                         # as with ulimit -n, for a while
+                    raise OSError(errno.EMFILE, "Too many open files")
+            return original(sock)
+        with mock.patch.object(socket.socket, "accept", out_of_files):
+            # Waiting to be accepted the whole time, then answered.
+            status, _, _ = raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(status, 200)
+        # Six failures, then success: in between, waits of 10, 20, 40, 80, 160 and 320 ms,
+        # where a spin retries at once (thousands of times in the same time).
+        self.assertEqual(len(calls), 7)
+        self.assertGreaterEqual(calls[6] - calls[0], 0.6)
+        log = server.test_log.getvalue()
+        self.assertEqual(log.count("cannot accept connections"), 1, log)
+        self.assertIn("Too many open files", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_other_accept_errors_are_not_waited_on(self):
+        server = start_server(self)
+        with mock.patch.object(server, "log") as log, \
+                mock.patch.object(socketserver.TCPServer, "get_request",
+                                  side_effect=ConnectionAbortedError(errno.ECONNABORTED, "gone")):
+            with self.assertRaises(ConnectionAbortedError):
+                server.get_request()
+        log.assert_not_called()
+        self.assertEqual(server.accept_backoff, 0.0)
+
+    def test_a_thread_that_cannot_start_is_one_line_and_a_closed_connection(self):
+        server = start_server(self)
+        original = threading.Thread.start
+
+        def no_threads_left(thread):
+            if getattr(thread, "_target", None) == server.process_request_thread:
+                raise RuntimeError("can't start new thread")
+            return original(thread)
+        with mock.patch.object(threading.Thread, "start", no_threads_left):
+            with connect_from(server) as sock:
+                try:
+                    self.assertEqual(sock.recv(10), b"")
+                except ConnectionResetError:
+                    pass
+            self.assertTrue(wait_until(lambda: "can't start" in server.test_log.getvalue()))
+        log = server.test_log.getvalue()
+        self.assertEqual(log.strip().splitlines(),
+                         [log.strip().split(" ", 1)[0] +
+                          " 127.0.0.1 connection refused: can't start new thread"])
+        self.assertEqual(server.connections.total, 0)
+        self.assertEqual(raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
+
+    def fake_resource(self, soft, hard, may_raise):
+        """The resource module of a POSIX system with these open-file limits."""
+        infinity = -1
+        limits = [soft, hard]
+
+        def setrlimit(which, values):
+            if not may_raise or (hard != infinity and values[0] > hard):
+                raise ValueError("not allowed to raise the soft limit")
+            limits[0] = values[0]
+        return mock.Mock(RLIMIT_NOFILE=7, RLIM_INFINITY=infinity,
+                         getrlimit=lambda which: tuple(limits), setrlimit=mock.Mock(wraps=setrlimit))
+
+    def test_the_cap_fits_the_open_file_limit(self):
+        for soft, hard, may_raise, most, raised_to, logged in (
+                (256, 256, False, 192, None, True),          # ulimit -n 256: fewer connections
+                (256, 4096, True, 600, 664, False),          # soft limit raised to what is needed
+                (256, -1, True, 600, 664, False),            # hard limit: unlimited
+                (100, 400, True, 336, 400, True),            # raised as far as allowed
+                (256, 4096, False, 192, None, True),         # not allowed to raise it
+                (4096, 4096, True, 600, None, False),        # enough already
+                (-1, -1, True, 600, None, False)):           # no limit at all
+            with self.subTest(soft=soft, hard=hard, may_raise=may_raise):
+                fake = self.fake_resource(soft, hard, may_raise)
+                with mock.patch.object(authserver, "resource", fake):
+                    server = start_server(self)
+                self.assertEqual(server.connections.most, most)
+                if raised_to is not None:
+                    fake.setrlimit.assert_called_once_with(7, (raised_to, hard))
+                    self.assertEqual(fake.getrlimit(7)[0], raised_to)
+                log = server.test_log.getvalue()
+                self.assertEqual(f"open files limited to" in log, logged, log)
+                if logged:
+                    self.assertIn(f"at most {most} connections", log)
+
+    def test_without_an_open_file_limit_the_cap_is_as_configured(self):
+        with mock.patch.object(authserver, "resource", None):          # Windows
+            server = start_server(self, maxConnections=5000)
+        self.assertEqual(server.connections.most, 5000)
+        self.assertEqual(server.test_log.getvalue(), "")
+
+    def test_connection_threads_are_not_kept_anywhere(self):
+        server = start_server(self)
+        for _ in range(20):
+            raw_exchange(server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertNotIn("_threads", vars(server))        # ThreadingMixIn's list: not made
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+
+
+class TestConnsSlowReaders(unittest.TestCase):
+
+    def test_a_client_that_never_reads_is_cut_off_and_its_slot_freed(self):
+        server = start_server(self, requestTimeout=0.5)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)    # before connect: the window
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.server_address[1]))
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 600)                # ~5 MB of answers, never read
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        self.assertTrue(wait_until(
+            lambda: "connection ended: ClientGone: response not taken in time"
+                    in server.test_log.getvalue()))
+        self.assertEqual(server.deadlines, {})
+        self.assertEqual(raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
+
+    def test_a_blocked_100_continue_is_cut_off_too(self):
+        # A full send buffer: a write stays blocked until the socket's write side is shut,
+        # as in the kernel (shutting the read side does not wake a blocked send).
+        server = start_server(self, requestTimeout=0.5)
+        write_side_shut = threading.Event()
+        original = socket.socket.shutdown
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        self.addCleanup(sock.close)
+
+        def shutdown(this, how):
+            if this is sock and how in (socket.SHUT_WR, socket.SHUT_RDWR):
+                write_side_shut.set()
+            return original(this, how)
+
+        def blocked_write(data):
+            if not write_side_shut.wait(10):
+                raise AssertionError("still blocked")
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
+        handler.server, handler.connection, handler.command = server, sock, "POST"
+        handler.headers = {"content-length": "2", "expect": "100-continue"}
+        handler.wfile = mock.Mock(write=blocked_write)
+        server.watch(sock)                              # reading the request, as respond() does
+        with mock.patch.object(socket.socket, "shutdown", shutdown):
+            with self.assertRaises(authserver.ClientGone) as caught:
+                handler.read_body()
+        self.assertEqual(str(caught.exception), "response not taken in time")
+
+    def test_a_client_that_reads_gets_its_answers_in_full(self):
+        server = start_server(self, requestTimeout=0.5)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 50)
+            stream = sock.makefile("rb")                # one buffer for all the answers
+            for _ in range(50):
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = stream.readline()
+                    self.assertTrue(line, f"closed after {head!r}")
+                    head += line
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+                length = int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0])
+                self.assertEqual(stream.read(length), server.page)
+
+    def test_an_idle_connection_gives_its_slot_back_after_request_timeout(self):
+        server = start_server(self, requestTimeout=0.5)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
+            self.assertEqual(sock.recv(10), b"")               # cut off by the watchman
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+
+
+class TestConnsTLS(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        files = Files(cls, maxConnectionsPerAddress=2)
+        (files.folder / "cert.pem").write_text(TestTLS.CERT)
+        (files.folder / "key.pem").write_text(TestTLS.KEY)
+        context = authserver.make_tls_context(files.folder / "cert.pem", files.folder / "key.pem")
+        cls.server = start_server(cls, files, tls_context=context)
+        cls.client_context = ssl.create_default_context(cadata=TestTLS.CERT)
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def assert_https_works(self):
+        client = Client(self.server, self.client_context)
+        try:
+            self.assertEqual(client.request("GET", "/")[0], 200)
+        finally:
+            client.close()
+
+    def test_plain_http_on_the_https_port_is_told_so_in_plain_http(self):
+        port = self.server.server_address[1]
+        for request, url in (
+                (f"GET / HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n", f"https://localhost:{port}/"),
+                ("GET /users/getInfo?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                 "https://127.0.0.1/users/getInfo"),
+                ("POST /users/authenticate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+                 f"https://127.0.0.1:{port}/users/authenticate"),
+                ("GET / HTTP/1.1\r\nHost: evil\"host\r\n\r\n", f"https://127.0.0.1:{port}/"),
+                ("HELLO\r\n\r\n", f"https://127.0.0.1:{port}/")):
+            with self.subTest(request), socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request.encode())
+                status, headers, body = read_response(sock)
+                self.assertEqual(status, 400)
+                self.assertEqual(json.loads(body), {"message": f"This port speaks HTTPS: use {url}"})
+                self.assertEqual((headers["connection"], headers["content-type"]),
+                                 ("close", "application/json; charset=utf-8"))
+                self.assertEqual(sock.recv(10), b"")
+        self.assertIn("127.0.0.1 GET / 400", self.server.test_log.getvalue())
+        self.assert_https_works()
+
+    def test_failed_handshakes_give_their_slots_back(self):
+        port = self.server.server_address[1]
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05hello")          # a TLS record, not a hello
+                try:
+                    self.assertIn(sock.recv(100)[:1], (b"\x15", b""))   # a TLS alert, or nothing
+                except ConnectionResetError:
+                    pass
+            distrusting = ssl.create_default_context()              # our cert is not its CA
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                with self.assertRaises(ssl.SSLError):
+                    distrusting.wrap_socket(sock, server_hostname="localhost")
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.assert_https_works()
+
+    def test_beyond_the_cap_an_https_connection_is_closed_without_a_word(self):
+        port = self.server.server_address[1]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            self.assertTrue(wait_until(lambda: self.server.connections.total == 2))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+                self.assertEqual(third.recv(10), b"")
+        finally:
+            for sock in held:
+                sock.close()
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+
+
+class TestConnsUsersFile(unittest.TestCase):
+
+    def test_an_idle_server_notices_a_changed_users_file(self):
+        files = Files(self)
+        server = start_server(self, files)
+        authserver.save_users(files.users, TEST_USERS[:1])          # no request after this
+        self.assertTrue(wait_until(
+            lambda: "users file reloaded: 1 users" in server.test_log.getvalue()),
+            server.test_log.getvalue())
+        self.assertEqual(list(server.users.tables[0]), ["test"])
+
+    def test_a_broken_users_file_written_while_idle_is_reported(self):
+        files = Files(self)
+        server = start_server(self, files)
+        files.users.write_text("[{\"id\": 1}]")
+        self.assertTrue(wait_until(
+            lambda: "users file not reloaded" in server.test_log.getvalue()))
+        self.assertEqual(len(server.users.tables[0]), 3)
+
+    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP on this system")
+    def test_sighup_on_an_unchanged_users_file_says_so(self):
+        files = Files(self)
+        server = ServerProcess(self, "--config", files.config, "--users", files.users)
+        server.process.send_signal(signal.SIGHUP)
+        line = server.readline("stderr")
+        self.assertTrue(line.endswith(" users file unchanged: 3 users\n"), line)
 
 
 if __name__ == "__main__":
