@@ -3315,6 +3315,9 @@ class TestLimitsShippedFiles(unittest.TestCase):
                              ["passwordHash"])
         config = authserver.load_config(HERE / "config.json")
         self.assertEqual(config["secret"], "")          # no secret ships with the code
+        # Every setting is there to be seen and changed, in the order the README lists them.
+        self.assertEqual(list(json.loads((HERE / "config.json").read_text(encoding="utf-8"))),
+                         list(authserver.DEFAULT_CONFIG))
 
 # ---------------------------------------------------------------------------
 # Sessions: refresh tokens, logout, revocation
