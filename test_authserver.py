@@ -4160,5 +4160,308 @@ class TestConnsUsersFile(unittest.TestCase):
         self.assertTrue(line.endswith(" users file unchanged: 3 users\n"), line)
 
 
+
+# ---------------------------------------------------------------------------
+# Sessions, fixed: the owner of a session, passwd's race, the seal, a busy file
+# ---------------------------------------------------------------------------
+
+SESSION_BUSY = {"error": True, "name": "SessionStoreError",
+                "message": "Sessions are unavailable right now; try again shortly"}
+
+
+def sessions_rows(files, sql, parameters=()):
+    """Rows of the sessions file, read through a connection of our own."""
+    connection = authserver.sqlite3.connect(files.folder / "authserver.sessions")
+    try:
+        return connection.execute(sql, parameters).fetchall()
+    finally:
+        connection.close()
+
+
+class TestSessionFixesOwner(SessionsCase):
+    """A session belongs to one account, not to a name that a later account may take."""
+
+    def test_a_removed_users_refresh_token_does_not_open_the_next_account_of_that_name(self):
+        old = self.login()
+        # The first "test" is removed and a new person gets the name (another id, password).
+        authserver.save_users(self.files.users,
+                              TEST_USERS[1:] + [make_user(11111, "test", "the-new-test")])
+        self.server.users.refresh(force=True)
+        status, body = self.refresh(old["refreshToken"])
+        self.assertEqual(status, 401, body)
+        self.assertEqual(body["name"], "RefreshTokenError", body)
+        self.assertEqual(self.info(old["token"])[0], 401)
+        new = self.login("test", "the-new-test")
+        self.assertEqual(self.info(new["token"]), (200, {"id": 11111, "username": "test"}))
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(new["token"]))
+        self.assertEqual((status, [s["id"] for s in listed["sessions"]]),
+                         (200, [decode_token(new["token"], SECRET)["sid"]]))
+        self.assertEqual(self.refresh(old["refreshToken"])[0], 401)
+
+    def test_sessions_and_revoke_work_for_a_name_no_longer_in_the_users_file(self):
+        body = self.login()
+        sid = decode_token(body["token"], SECRET)["sid"]
+        # The admin's users file no longer has "test" (the server's still has: it keeps
+        # the session live, so that there is something to clean up).
+        removed = self.files.folder / "removed.json"
+        authserver.save_users(removed, TEST_USERS[1:])
+        common = ("--config", self.files.config, "--users", removed)
+        code, out, error = main_in_process("sessions", "test", *common)
+        self.assertEqual((code, error), (0, ""))
+        self.assertIn(sid, out)
+        code, out, error = main_in_process("revoke", "test", *common)
+        self.assertEqual((code, error), (0, ""))
+        self.assertIn("1 session(s) of 'test' revoked", out)
+        self.assertEqual(poll_until(lambda: self.info(body["token"])[0] == 401), True)
+        for args in (("sessions", "nobody"), ("revoke", "nobody")):
+            with self.subTest(args=args):
+                code, _, error = main_in_process(*args, *common)
+                self.assertEqual((code, len(error.splitlines())), (2, 1), error)
+                self.assertTrue(error.startswith("authserver: no "), error)
+
+
+class TestSessionFixesPasswd(unittest.TestCase):
+    """passwd ends every session started with the old password, even one a second later."""
+
+    def test_logins_with_the_old_password_while_passwd_runs_are_all_ended(self):
+        # (loginAttempts: the loop's failures once the new password is in are not the point.)
+        files = Files(self, passwordIterations=FAST_ITERATIONS, loginAttempts=100000)
+        server = start_server(self, files)
+        # Hold the server's reload of users.json until the test lets it go: the window in
+        # which the old password still works is then certain, not a matter of luck.
+        server.users.next_check = float("inf")
+        stop, passwd_done = threading.Event(), threading.Event()
+        logins = []                          # (after passwd had finished?, the answer)
+
+        def log_in_again_and_again():
+            client = Client(server)
+            try:
+                while not stop.is_set():
+                    status, _, body = client.request("POST", "/users/authenticate",
+                                                     login_body("test", "test"))
+                    if status == 200:
+                        logins.append((passwd_done.is_set(), body))
+            finally:
+                client.close()
+        thread = threading.Thread(target=log_in_again_and_again)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(stop.set)
+        self.assertTrue(poll_until(lambda: logins))
+        result = run_cli("passwd", "test", "--config", files.config, "--users", files.users,
+                         stdin="the-new-password\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        passwd_done.set()
+        self.assertTrue(poll_until(lambda: any(after for after, _ in logins)))
+        server.users.next_check = 0          # the server may now notice the new file
+        self.assertTrue(poll_until(
+            lambda: "users file reloaded" in server.test_log.getvalue()),
+            server.test_log.getvalue())
+        stop.set()
+        thread.join(timeout=30)
+        self.assertFalse(thread.is_alive())
+        client = Client(server)
+        self.addCleanup(client.close)
+        live = [(after, client.request("GET", "/users/getInfo", headers=bearer(body["token"]))[0],
+                 client.request("POST", "/users/refresh",
+                                {"refreshToken": body["refreshToken"]})[0])
+                for after, body in logins]
+        # (after passwd had finished?, getInfo's status, refresh's status) of each one alive
+        self.assertEqual([answers for answers in live if answers[1:] != (401, 401)], [])
+        status, _, body = client.request("POST", "/users/authenticate",
+                                         login_body("test", "the-new-password"))
+        self.assertEqual(status, 200, body)
+        status, _, answer = client.request("GET", "/users/getInfo", headers=bearer(body["token"]))
+        self.assertEqual(status, 200, answer)
+
+    def test_a_session_of_a_changed_password_cannot_refresh(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        status, _, body = client.request("POST", "/users/authenticate", login_body())
+        self.assertEqual(status, 200, body)
+        # The hash changes by hand (not passwd, which revokes): the session was started
+        # under the old one.
+        authserver.save_users(files.users, [make_user(81623, "test", "changed")] + TEST_USERS[1:])
+        server.users.refresh(force=True)
+        status, _, answer = client.request("POST", "/users/refresh",
+                                           {"refreshToken": body["refreshToken"]})
+        self.assertEqual(status, 401, answer)
+        self.assertEqual(set(answer), {"error", "name", "message"})
+        self.assertEqual(client.request("GET", "/users/getInfo",
+                                        headers=bearer(body["token"]))[0], 401)
+
+
+class TestSessionFixesSeal(SessionsCase):
+    """A spent refresh token and a copy of the file give nobody the current token."""
+
+    def test_a_spent_token_and_a_copy_of_the_file_do_not_open_the_seal(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200, second)
+        spent = first["refreshToken"]
+        [(sealed,)] = sessions_rows(self.files, "SELECT sealed_successor FROM sessions "
+                                    "WHERE previous_hash = ?",
+                                    (hashlib.sha256(spent.encode()).digest(),))
+        self.assertIsNotNone(sealed)                 # the grace still needs it
+        pad = hmac.new(spent.encode(), b"successor", hashlib.sha256).digest()
+        opened = bytes(a ^ b for a, b in zip(sealed, pad))
+        self.assertNotEqual(opened, b64url_decode(second["refreshToken"]))
+        # The server, with its key, still opens it: within the grace, the same pair again.
+        self.assertEqual(self.refresh(spent), (200, second))
+
+
+class TestSessionFixesSealCleared(SessionsCase):
+
+    config = {"refreshGrace": 0.2}
+
+    def test_seals_older_than_the_grace_are_cleared_when_sessions_are_purged(self):
+        first = self.login()
+        self.assertEqual(self.refresh(first["refreshToken"])[0], 200)
+
+        def seals_left():
+            self.login("ncuser", "ncpassword")           # a login purges
+            return sessions_rows(self.files, "SELECT count(*) FROM sessions "
+                                 "WHERE sealed_successor IS NOT NULL")[0][0]
+        self.assertEqual(poll_until(lambda: seals_left() == 0), True)
+
+
+class TestSessionFixesMalformedTokens(SharedServerCase):
+
+    def test_a_lone_surrogate_refresh_token_is_refused_not_a_500(self):
+        body = b'{"refreshToken":"\\ud800"}'
+        for path, expected in (("/users/logout", 204), ("/users/refresh", 401)):
+            with self.subTest(path=path):
+                request = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                status, _, answer = raw_exchange(self.server, request)
+                self.assertEqual(status, expected, answer)
+                if expected == 401:
+                    self.assertEqual(json.loads(answer), NOT_RECOGNISED)
+        client = Client(self.server)
+        self.addCleanup(client.close)
+        for token in ("A" * 42, "A" * 44, "é" * 43, "A" * 42 + "="):
+            with self.subTest(token=token):
+                status, _, answer = client.request("POST", "/users/logout",
+                                                   {"refreshToken": token})
+                self.assertEqual((status, answer), (204, b""))
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+
+
+class TestSessionFixesBusyFile(SessionsCase):
+    """Another process holding the sessions file's write lock stalls nobody for long."""
+
+    def test_a_locked_file_gives_prompt_503s_and_getinfo_goes_on(self):
+        body = self.login()
+        holder = authserver.sqlite3.connect(self.sessions_file(), isolation_level=None, timeout=0)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")              # what a backup or the sqlite3 shell does
+        self.addCleanup(lambda: holder.in_transaction and holder.execute("ROLLBACK"))
+        answers = []
+
+        def log_in():
+            client = self.new_client(self.server)
+            started = time.monotonic()
+            try:
+                status, _, answer = client.request("POST", "/users/authenticate", login_body())
+            except OSError as error:                    # no answer in the client's 10 s
+                status, answer = None, repr(error)
+            answers.append((status, answer, time.monotonic() - started))
+        threads = [threading.Thread(target=log_in) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        other = self.new_client(self.server)
+        checks = 0
+        # getInfo all the time the logins wait: its once-a-second look at the file must
+        # not queue behind them.
+        while any(thread.is_alive() for thread in threads) or checks < 3:
+            started = time.monotonic()
+            status, answer = self.info(body["token"], other)
+            self.assertEqual(status, 200, answer)
+            self.assertLess(time.monotonic() - started, 3)   # generous: a stall is 5 s and more
+            checks += 1
+            threading.Event().wait(0.05)
+        for thread in threads:
+            thread.join(timeout=30)
+        self.assertEqual([(status, answer) for status, answer, _ in answers],
+                         [(503, SESSION_BUSY)] * 3)
+        for _, _, seconds in answers:
+            self.assertLess(seconds, 4)                 # each, not one after another
+        holder.execute("ROLLBACK")
+        self.assertEqual(self.info(self.login()["token"])[0], 200)
+
+
+class TestSessionFixesLiveSet(SessionsCase):
+
+    def test_a_session_deleted_right_after_its_commit_is_not_accepted(self):
+        store = self.server.sessions
+        commit = store.transaction
+        inside = []
+
+        def commit_then_log_out_everywhere(work):
+            """A transaction, then at once another's logoutAll: the window a thread may
+            be preempted in, made certain."""
+            result = commit(work)
+            if not inside:
+                inside.append(1)
+                try:
+                    store.end_for_user("test")
+                finally:
+                    inside.clear()
+            return result
+        with mock.patch.object(store, "transaction", commit_then_log_out_everywhere):
+            status, _, body = self.client.request("POST", "/users/authenticate", login_body())
+        if status == 200:                                # or the login saw its session end
+            self.assertEqual(self.info(body["token"]), (401, REVOKED))
+            self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        self.assertEqual(store.sessions_of("test", time.time()), [])
+
+
+class TestSessionFixesExplain(SessionsCase):
+
+    def test_explain_a_refresh_token_spent_within_the_grace(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200)
+        common = ("--config", self.files.config, "--users", self.files.users)
+        code, out, error = main_in_process("explain", first["refreshToken"], *common)
+        self.assertIn("within the grace", out)
+        self.assertIn("the same new pair again", out)
+        self.assertNotIn("presenting it revokes its session\n", out)
+        verdict = out.strip().splitlines()[-1]
+        self.assertIn("200", verdict)
+        self.assertEqual(code, 0, out + error)
+        self.assertEqual(self.refresh(first["refreshToken"]), (200, second))   # as it said
+
+    def test_explain_a_refresh_token_creates_no_sessions_file(self):
+        files = Files(self)
+        code, out, error = main_in_process("explain", "A" * 43, "--config", files.config,
+                                           "--users", files.users)
+        self.assertEqual(code, 1, out + error)
+        self.assertIn("no sessions", out)
+        self.assertEqual(sorted(path.name for path in files.folder.iterdir()),
+                         ["config.json", "users.json"])
+
+
+class TestSessionFixesCliOutput(SessionsCase):
+
+    def test_sessions_prints_the_user_agent_escaped(self):
+        user_agent = b"C1 \x9b31m red, bidi \xe2\x80\xae txt.exe"
+        body = json.dumps(login_body()).encode()
+        request = (b"POST /users/authenticate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                   b"\r\nUser-Agent: " + user_agent + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                   + body)
+        status, _, answer = raw_exchange(self.server, request)
+        self.assertEqual(status, 200, answer)
+        code, out, error = main_in_process("sessions", "test", "--config", self.files.config,
+                                           "--users", self.files.users)
+        self.assertEqual((code, error), (0, ""))
+        self.assertEqual([hex(ord(c)) for c in out if not (c.isprintable() or c == "\n")], [])
+        # (The header's bytes are read as Latin-1: U+202E's UTF-8 arrives as "â\x80®".)
+        self.assertIn("C1 \\x9b31m red, bidi \u00e2\\x80\u00ae txt.exe", out)
+
+
 if __name__ == "__main__":
     unittest.main()
