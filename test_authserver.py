@@ -2132,7 +2132,7 @@ class TestPageInBrowser(unittest.TestCase):
         # The signature is checked before the dates, so the answer is about the edit.
         self.assertEqual(page.by_id["result"], "401 Unauthorized: invalid signature")
         self.assertRegex(page.by_id["time-exp"],
-                         rf"^exp expires {re.escape(local_date(claims['exp']))} \(\d min ago\): "
+                         rf"^exp expired {re.escape(local_date(claims['exp']))} \(\d min ago\): "
                          r"the server now answers jwt expired$")
 
     def test_a_pasted_header_line_gets_a_hint(self):
@@ -4158,6 +4158,155 @@ class TestConnsUsersFile(unittest.TestCase):
         server.process.send_signal(signal.SIGHUP)
         line = server.readline("stderr")
         self.assertTrue(line.endswith(" users file unchanged: 3 users\n"), line)
+
+
+# ---------------------------------------------------------------------------
+# The page's lab: each lesson reachable in the order the page's hint gives
+# ---------------------------------------------------------------------------
+
+@unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
+class TestPageLabLessons(unittest.TestCase):
+    """The lab as a newcomer uses it: buttons pressed in the hint's order, in headless Chromium."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = start_server(ClassScope(cls))
+        cls.browser = Browser(ClassScope(cls))
+        cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}/"
+
+    def logged_in(self, url=None):
+        """A new tab, logged in as test: (tab, the token the server issued)."""
+        tab = self.browser.open(url or self.url)
+        tab.wait_for("document.readyState === 'complete'")
+        tab.evaluate("document.getElementById('id_username').value = 'test';"
+                     "document.getElementById('id_password').value = 'test'")
+        tab.click("btn")
+        self.assertEqual(tab.result(), "200 OK: logged in as test; the token is below.")
+        return tab, self.box(tab)
+
+    @staticmethod
+    def box(tab):
+        return tab.evaluate("document.getElementById('tokenBox').value")
+
+    def press(self, tab, button):
+        """Click a button that sends a request; the line beside the buttons once answered."""
+        tab.evaluate("document.getElementById('result').textContent = ''")
+        tab.click(button)
+        return tab.result()
+
+    def test_log_out_after_tamper_puts_the_issued_token_back_and_the_server_says_revoked(self):
+        tab, issued = self.logged_in()
+        tab.click("tamperBtn")
+        self.assertNotEqual(self.box(tab), issued)
+        self.assertTrue(self.press(tab, "logoutBtn").startswith("204: logged out."))
+        self.assertEqual(self.box(tab), issued)
+        self.assertEqual(PageReader(tab.dom()).by_id["changes"], "")     # nothing edited now
+        self.assertEqual(self.press(tab, "infoBtn"), "401 Unauthorized: session revoked")
+
+    def test_the_hints_order_reaches_every_lesson_and_no_refresh_token_sends_nothing(self):
+        tab = self.browser.open(self.url)
+        tab.wait_for("document.readyState === 'complete'")
+        page = PageReader(tab.dom())
+        self.assertIn("the tutorial's demo users (if their passwords have not been changed)",
+                      " ".join(page.by_id["demoUsers"].split()))
+        hint = " ".join(page.by_id["hint"].split())
+        steps = ["log in", '"Get user info" (200', "log out", "session revoked",
+                 "Forget the tokens", "403"]
+        where = [hint.find(step) for step in steps]
+        self.assertNotIn(-1, where, hint)
+        self.assertEqual(where, sorted(where), hint)
+        # A fresh page has no refresh token: Refresh and Log out send nothing and say so.
+        for button in ("refreshBtn", "logoutBtn"):
+            tab.click(button)
+            self.assertEqual(tab.result(), "Log in first: there is no refresh token yet.")
+            self.assertTrue(tab.evaluate("document.getElementById('exchange').hidden"))
+        # The hint, step by step.
+        tab, issued = self.logged_in()
+        self.assertEqual(self.press(tab, "infoBtn"), "200 OK")
+        self.assertTrue(self.press(tab, "logoutBtn").startswith("204: logged out."))
+        self.assertEqual(self.press(tab, "infoBtn"), "401 Unauthorized: session revoked")
+        tab.click("forgetBtn")
+        self.assertEqual(self.press(tab, "infoBtn"), "403 Forbidden: No token provided.")
+        # After Forget there is no refresh token either: nothing is sent.
+        for button in ("refreshBtn", "logoutBtn"):
+            tab.click(button)
+            self.assertEqual(tab.result(), "Log in first: there is no refresh token yet.")
+            self.assertEqual(PageReader(tab.dom()).by_id["httpRequest"],     # the last one sent
+                             f"GET {self.url}users/getInfo\nAccept: application/json")
+
+    def test_the_request_shows_which_token_was_sent(self):
+        tab, issued = self.logged_in()
+        head, body, signature = issued.split(".")
+        self.assertEqual(self.press(tab, "infoBtn"), "200 OK")
+        sent = PageReader(tab.dom()).by_id["httpRequest"].splitlines()[-1]
+        self.assertEqual(sent, f"Authorization: Bearer {head[:12]}….{body[:10]}…{signature[-6:]}"
+                               " (the token in the box below)")
+        tab.click("tamperBtn")
+        tampered = self.box(tab).split(".")[1]
+        first = len(os.path.commonprefix([tampered, body]))
+        self.assertEqual(self.press(tab, "verifyBtn"), "401 Unauthorized: invalid signature")
+        sent_tampered = PageReader(tab.dom()).by_id["httpRequest"].splitlines()[-1]
+        self.assertEqual(sent_tampered,
+                         f"Authorization: Bearer {head[:12]}….…{tampered[first:first + 10]}…"
+                         f"{signature[-6:]} (edited: not the token the server signed)")
+        self.assertNotEqual(sent_tampered.split(" (")[0], sent.split(" (")[0])
+
+    def test_once_asked_the_changes_line_says_what_the_server_said(self):
+        tab, issued = self.logged_in()
+        tab.click("tamperBtn")
+        changes = " ".join(PageReader(tab.dom()).by_id["changes"].split())
+        self.assertTrue(changes.endswith("The signature was not recomputed: ask the server."),
+                        changes)
+        self.assertEqual(self.press(tab, "verifyBtn"), "401 Unauthorized: invalid signature")
+        changes = " ".join(PageReader(tab.dom()).by_id["changes"].split())
+        self.assertTrue(changes.startswith('Changed since the server signed it: username: '), changes)
+        self.assertTrue(changes.endswith(". The server checked: invalid signature."), changes)
+        tab.click("tamperBtn")                               # a new edit: not asked yet
+        changes = " ".join(PageReader(tab.dom()).by_id["changes"].split())
+        self.assertTrue(changes.endswith("The signature was not recomputed: ask the server."),
+                        changes)
+
+    def test_a_change_of_length_says_why_the_rest_of_the_payload_is_marked(self):
+        tab, issued = self.logged_in()
+        note = "document.getElementById('lengthNote')"
+        self.assertTrue(tab.evaluate(note + ".hidden"))
+        tab.click("tamperBtn")                                        # "test" -> "admin"
+        tampered = self.box(tab).split(".")[1]
+        self.assertNotEqual(len(tampered), len(issued.split(".")[1]))
+        self.assertTrue(PageReader(tab.dom()).marks["tokenView"][-1]
+                        .endswith(tampered[-6:]), "the mark runs to the payload's end")
+        self.assertFalse(tab.evaluate(note + ".hidden"))
+        self.assertIn("a change of length shifts every base64url character after it",
+                      tab.evaluate(note + ".textContent"))
+        # One character of the signature changed: the same length, no such line.
+        last = "A" if issued[-1] != "A" else "B"
+        tab.evaluate("(area => { area.value = %s; area.dispatchEvent(new Event('input')) })"
+                     "(document.getElementById('tokenBox'))" % json.dumps(issued[:-1] + last))
+        self.assertTrue(tab.evaluate(note + ".hidden"))
+
+    def test_a_new_login_answers_the_servers_own_token_not_an_edited_one(self):
+        tab, issued = self.logged_in()
+        tab.click("tamperBtn")
+        self.assertEqual(self.press(tab, "btn"), "200 OK: logged in as test; the token is below.")
+        new = self.box(tab)
+        head, body, signature = new.split(".")
+        self.assertIn(f'"token": "{head[:12]}….{body[:10]}…{signature[-6:]} '
+                      f'(the token in the box below)"', PageReader(tab.dom()).by_id["output"])
+
+    def test_a_login_without_a_refresh_token_names_the_server_not_the_user(self):
+        stub = TutorialStub(self)                  # the tutorial's server: a token, nothing more
+        tab, _ = self.logged_in((HERE / "test.html").as_uri() + "?api=" + stub.url)
+        tab.click("logoutBtn")
+        self.assertEqual(tab.result(), "This server's login gave no refresh token: it has no "
+                                       "Refresh / Log out.")
+        self.assertNotIn("/users/logout", stub.bodies)                     # nothing was sent
+
+
+class TutorialStub(LifecycleStub):
+    """The tutorial's server: a login answers a token and expiresIn, no refresh token."""
+
+    def pair(self):
+        return {"token": token_for(), "expiresIn": 3600}
 
 
 if __name__ == "__main__":
