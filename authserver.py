@@ -1304,8 +1304,31 @@ def log_time(second):
 # 6. Middleware: every request runs through these steps, in this order
 # ---------------------------------------------------------------------------
 # A step takes the request and returns a Response to answer now, or None to go on;
-# it may also raise HTTPError. The router is simply the last step; the table it looks
-# in, ROUTES, is the next section.
+# it may also raise HTTPError. The router is simply the last step. The table it looks
+# in is the server's `routes`, a RouteTable: defined here, filled in by the next section.
+
+class RouteTable:
+    """The routes a server answers: actions keyed by (method, path), and the public paths."""
+
+    def __init__(self, actions, public_paths):
+        self.actions = dict(actions)
+        self.public_paths = frozenset(public_paths)
+
+    def action_for(self, method, path):
+        """The function that answers method on path, or None."""
+        return self.actions.get((method, path))
+
+    def is_public(self, path):
+        """Whether path is answered without a token."""
+        return path in self.public_paths
+
+    def allowed_methods(self, path):
+        """The Allow header for path, "" for an unknown one."""
+        methods = sorted(method for method, route_path in self.actions if route_path == path)
+        if "GET" in methods:
+            methods.append("HEAD")
+        return ", ".join(methods + ["OPTIONS"]) if methods else ""
+
 
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
@@ -1316,7 +1339,7 @@ def answer_preflight(request):
     if request.command != "OPTIONS":
         return None
     headers = [("Access-Control-Allow-Methods", CORS_METHODS),
-               ("Allow", allowed_methods(request.server.routes, request.route_path)
+               ("Allow", request.server.routes.allowed_methods(request.route_path)
                 or CORS_METHODS)]
     asked = request.headers.get("access-control-request-headers")
     if asked and HEADER_LIST.fullmatch(asked):
@@ -1336,7 +1359,7 @@ def bearer_token(headers):
 
 def require_token(request):
     """Every path but the public ones needs a valid token for a user who still exists."""
-    if request.route_path in request.server.public_paths:
+    if request.server.routes.is_public(request.route_path):
         return None
     token = bearer_token(request.headers)
     if not token:
@@ -1374,10 +1397,10 @@ def check_session(sessions, claims):
 def route(request):
     """Last step: the function for (method, path), or 404 / 405."""
     method = "GET" if request.command == "HEAD" else request.command
-    action = request.server.routes.get((method, request.route_path))
+    action = request.server.routes.action_for(method, request.route_path)
     if action is not None:
         return action(request)
-    allowed = allowed_methods(request.server.routes, request.route_path)
+    allowed = request.server.routes.allowed_methods(request.route_path)
     if allowed:
         raise HTTPError(405, f"Method {request.command} not allowed on {request.route_path}",
                         headers=(("Allow", allowed),))
@@ -1660,18 +1683,11 @@ PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/user
 OPTIONAL_ROUTES = {("POST", "/users/register"): "allowRegistration"}
 
 
-def enabled_routes(config):
+def route_table(config):
     """ROUTES without the optional ones config leaves off: the table a server routes by."""
-    return {key: action for key, action in ROUTES.items()
-            if key not in OPTIONAL_ROUTES or config[OPTIONAL_ROUTES[key]]}
-
-
-def allowed_methods(routes, path):
-    """The Allow header for a path among routes, "" for an unknown one."""
-    methods = sorted(method for method, route_path in routes if route_path == path)
-    if "GET" in methods:
-        methods.append("HEAD")
-    return ", ".join(methods + ["OPTIONS"]) if methods else ""
+    actions = {key: action for key, action in ROUTES.items()
+               if key not in OPTIONAL_ROUTES or config[OPTIONAL_ROUTES[key]]}
+    return RouteTable(actions, PUBLIC_PATHS & {path for _, path in actions})
 
 
 # -- GET /openapi.json: the routes above, described for Postman, Insomnia and generators --
@@ -1851,7 +1867,7 @@ version); and 404 / 405 (with `Allow`) for an unknown path or method."""
 def openapi_document(routes, server_url):
     """The OpenAPI 3.1 document of routes, as served at server_url."""
     paths = {}
-    for (method, path), action in routes.items():
+    for (method, path), action in routes.actions.items():
         paths.setdefault(path, {})[method.lower()] = openapi_operation(method, path, action)
     return {"openapi": "3.1.0",
             "info": {"title": "authserver", "version": "1.0",
@@ -2266,8 +2282,7 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
-        self.routes = enabled_routes(config)
-        self.public_paths = PUBLIC_PATHS & {path for _, path in self.routes}
+        self.routes = route_table(config)
         self.limiter = LoginLimiter({"user": config["loginAttempts"],
                                      "address": config["addressLoginAttempts"]},
                                     config["loginWindow"])

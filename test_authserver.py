@@ -4,6 +4,7 @@ Run: python -m unittest -v
 Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 """
 
+import ast
 import base64
 import errno
 import hashlib
@@ -812,7 +813,7 @@ class TestHostileHTTP(SharedServerCase):
             self.assertEqual(read_response(sock)[0], 200)
 
     def test_unexpected_exception_is_a_json_500_and_the_server_lives(self):
-        with mock.patch.dict(self.server.routes, {("GET", "/"): lambda request: 1 / 0}):
+        with mock.patch.dict(self.server.routes.actions, {("GET", "/"): lambda request: 1 / 0}):
             status, _, body = raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual((status, json.loads(body)), (500, {"message": "Internal Server Error"}))
         self.assertIn("ZeroDivisionError", self.server.test_log.getvalue())
@@ -2887,7 +2888,8 @@ class TestOpenAPI(unittest.TestCase):
         # A route added to ROUTES without its documentation breaks the document.
         with mock.patch.dict(authserver.ROUTES, {("GET", "/new"): authserver.get_info}), \
                 self.assertRaises(KeyError):
-            authserver.openapi_document(authserver.ROUTES, "/")
+            authserver.openapi_document(
+                authserver.RouteTable(authserver.ROUTES, authserver.PUBLIC_PATHS), "/")
 
     def test_document(self):
         status, headers, data = self.call("GET", "/openapi.json", headers={"Host": "example.test:4000"})
@@ -4158,6 +4160,59 @@ class TestConnsUsersFile(unittest.TestCase):
         server.process.send_signal(signal.SIGHUP)
         line = server.readline("stderr")
         self.assertTrue(line.endswith(" users file unchanged: 3 users\n"), line)
+
+
+SECTION_BANNER = re.compile(r"# (\d+)\. (.+)")
+
+
+def module_sections(source):
+    """[(line, number, title)] of the top-level "# N. Title" banners of a module's source."""
+    return [(line, int(match.group(1)), match.group(2))
+            for line, text in enumerate(source.splitlines(), 1)
+            for match in [SECTION_BANNER.fullmatch(text)] if match]
+
+
+def names_used_before_defined(source):
+    """[(user, name)]: top-level code that uses a module-level name a later section defines."""
+    tree, sections = ast.parse(source), module_sections(source)
+
+    def section_of(line):
+        return max([number for start, number, _ in sections if start <= line], default=0)
+
+    defined_in = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [name.id for target in targets for name in ast.walk(target)
+                     if isinstance(name, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            defined_in.setdefault(name, section_of(node.lineno))
+    found = []
+    for node in tree.body:
+        user = getattr(node, "name", f"line {node.lineno}")
+        for name in ast.walk(node):
+            if (isinstance(name, ast.Name) and name.id in defined_in
+                    and defined_in[name.id] > section_of(node.lineno)):
+                found.append((user, name.id))
+    return found
+
+
+class TestChapterLayout(unittest.TestCase):
+    """The module docstring's promises about the file's layout are kept."""
+
+    source = Path(authserver.__file__).read_text(encoding="utf-8")
+
+    def test_each_section_uses_only_what_stands_above_it(self):
+        self.assertEqual(names_used_before_defined(self.source), [])
+
+    def test_the_guard_sees_a_name_from_a_later_section(self):
+        source = ("# 1. First\ndef early():\n    return LATE\n"
+                  "# 2. Second\nLATE = 1\ndef later():\n    return early()\n")
+        self.assertEqual(names_used_before_defined(source), [("early", "LATE")])
 
 
 if __name__ == "__main__":
