@@ -20,15 +20,19 @@ that the token has not expired. `python authserver.py explain TOKEN` walks throu
 
 The file reads top to bottom, each section using only what stands above it:
 
-    1. Settings            config.json, the signing secret, the limits
-    2. base64url           RFC 4648 §5, strict
-    3. JWT                 encode_token / decode_token: pure functions, no HTTP
-    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter, sessions
-    5. HTTP errors         one HTTPError, one JSON responder
-    6. Middleware          a list of small steps every request goes through
-    7. Routes              a table of (method, path) -> function
-    8. The handler         reading a request within limits, writing one response
-    9. Server and CLI      serving, adduser / passwd / token / explain
+    1. Settings                            config.json, the signing secret, the limits
+    2. base64url                           RFC 4648 §5, strict
+    3. JWT                                 encode_token / decode_token: pure, no HTTP
+    4. Users and passwords                 users.json, PBKDF2, sign-up rules, login limits
+    5. Sessions                            refresh tokens, logout, revocation, in SQLite
+    6. HTTP errors and the JSON responder  HTTPError; a Response made into bytes
+    7. Middleware                          the steps every request goes through
+    8. Routes                              a table of (method, path) -> function
+    9. The handler                         reading a request within limits, writing once
+    10. The server                         connections, caps, slow clients, stopping
+    11. Command line                       serving; adduser / passwd / sessions / revoke
+    12. Teaching                           the token and explain commands
+    13. Main                               the command line's parser, and main()
 
 It is the Node.js "JWT authentication server" tutorial's API, made safe: a teaching
 example and a LAN demo, not a production identity provider (see README.md).
@@ -911,7 +915,9 @@ def decode_password(encoded):
         return raw.decode("latin-1")
 
 
-# -- sessions: refresh tokens, logout, revocation -----------------------------
+# ---------------------------------------------------------------------------
+# 5. Sessions: refresh tokens, logout, revocation
+# ---------------------------------------------------------------------------
 # An access token is stateless: nobody can take it back before its exp. A session is the
 # stateful half that makes logout possible. Each login starts one, in SQLite; the access
 # token names it ("sid"), and a refresh token, random and opaque, renews it. Revoking the
@@ -1232,7 +1238,7 @@ class SessionStore:
 
 
 # ---------------------------------------------------------------------------
-# 5. HTTP errors and the JSON responder
+# 6. HTTP errors and the JSON responder
 # ---------------------------------------------------------------------------
 
 class Response:
@@ -1301,7 +1307,7 @@ def log_time(second):
 
 
 # ---------------------------------------------------------------------------
-# 6. Middleware: every request runs through these steps, in this order
+# 7. Middleware: every request runs through these steps, in this order
 # ---------------------------------------------------------------------------
 # A step takes the request and returns a Response to answer now, or None to go on;
 # it may also raise HTTPError. The router is simply the last step. The table it looks
@@ -1419,7 +1425,7 @@ def run_middleware(request):
 
 
 # ---------------------------------------------------------------------------
-# 7. Routes
+# 8. Routes
 # ---------------------------------------------------------------------------
 
 def read_fields(request):
@@ -1922,7 +1928,7 @@ def openapi_response(schema, when, headers=()):
 
 
 # ---------------------------------------------------------------------------
-# 8. The handler: read one request within limits, run the middleware, write once
+# 9. The handler: read one request within limits, run the middleware, write once
 # ---------------------------------------------------------------------------
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -2184,7 +2190,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# 9. Server and command line
+# 10. The server: connections, limits, slow clients, stopping
 # ---------------------------------------------------------------------------
 
 class InFlight:
@@ -2503,6 +2509,10 @@ def make_tls_context(cert_file, key_file):
     return context
 
 
+# ---------------------------------------------------------------------------
+# 11. Command line: serving, users, sessions
+# ---------------------------------------------------------------------------
+
 def lan_addresses():
     """This machine's IPv4 addresses that other devices on the LAN can reach."""
     found = set()
@@ -2681,7 +2691,9 @@ def revoke_command(args):
     return 0
 
 
-# -- teaching: token and explain ------------------------------------------------
+# ---------------------------------------------------------------------------
+# 12. Teaching: the token and explain commands
+# ---------------------------------------------------------------------------
 
 def issue_token(args):
     """python authserver.py token NAME: a token exactly as a login would return it."""
@@ -2922,6 +2934,10 @@ def explain(args):
     narrator.say(narrator.paint("Verdict: valid. The server would accept this token.", "ok"))
     return 0
 
+
+# ---------------------------------------------------------------------------
+# 13. Main: the command line's parser, and main()
+# ---------------------------------------------------------------------------
 
 def build_parser():
     """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""

@@ -4209,6 +4209,14 @@ class TestChapterLayout(unittest.TestCase):
     def test_each_section_uses_only_what_stands_above_it(self):
         self.assertEqual(names_used_before_defined(self.source), [])
 
+    def test_the_docstring_lists_the_sections(self):
+        listed = re.findall(r"^    (\d+)\. (\S.*?)  +\S", authserver.__doc__, re.MULTILINE)
+        banners = [(str(number), re.split(r": | \(", title)[0])
+                   for _, number, title in module_sections(self.source)]
+        self.assertEqual(listed, banners)
+        self.assertEqual([number for _, number, _ in module_sections(self.source)],
+                         list(range(1, len(banners) + 1)))
+
     def test_the_guard_sees_a_name_from_a_later_section(self):
         source = ("# 1. First\ndef early():\n    return LATE\n"
                   "# 2. Second\nLATE = 1\ndef later():\n    return early()\n")
