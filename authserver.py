@@ -1306,12 +1306,60 @@ def log_time(second):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
+SERVER_VERSION = "authserver/1.0"
+
+
+def response_bytes(response, now, connection="", head=False):
+    """A Response as bytes on the wire: status line, headers, then the JSON body.
+
+    connection: "close" or "keep-alive" to say so in a Connection header, "" to say
+    nothing. head: a HEAD request, answered with GET's headers and no body.
+    """
+    body, status = response.body, response.status
+    payload = body if isinstance(body, bytes) else json_bytes(body)
+    lines = [f"{STATUS_LINES[status]}Date: {http_date(int(now))}\r\n"
+             f"Server: {SERVER_VERSION}\r\n{COMMON_HEADERS}"]
+    if status != 204:
+        lines.append(f"Content-Type: {response.content_type}\r\n"
+                     f"Content-Length: {len(payload)}\r\n")
+    lines.extend(f"{name}: {value}\r\n" for name, value in response.headers)
+    if connection:
+        lines.append(f"Connection: {connection}\r\n")
+    lines.append("\r\n")
+    head_bytes = "".join(lines).encode("latin-1")
+    return head_bytes if head or status == 204 else head_bytes + payload
+
+
 # ---------------------------------------------------------------------------
 # 7. Middleware: every request runs through these steps, in this order
 # ---------------------------------------------------------------------------
 # A step takes the request and returns a Response to answer now, or None to go on;
 # it may also raise HTTPError. The router is simply the last step. The table it looks
 # in is the server's `routes`, a RouteTable: defined here, filled in by the next section.
+#
+# The request is the connection's handler (section 9). What a step or a route may use:
+#   request.command        the method, "GET", "POST", ... (HEAD is routed as GET)
+#   request.route_path     the path, without the query string
+#   request.headers        Headers: any spelling of a name finds it ("Authorization")
+#   request.body           the body's bytes, b"" when there is none
+#   request.client_address (address, port) of the client
+#   request.server         the AuthServer: config, key, users, sessions, routes, limiter
+#   request.user, request.session_id   set by require_token for the routes after it
+
+
+class Headers(dict):
+    """A request's headers: names stored in lower case, and found in any case."""
+    __slots__ = ()
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
 
 class RouteTable:
     """The routes a server answers: actions keyed by (method, path), and the public paths."""
@@ -1946,7 +1994,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     """One connection: requests read by hand so that every byte is bounded and timed."""
 
     protocol_version = "HTTP/1.1"      # keep-alive: one connection serves many requests
-    server_version = "authserver/1.0"
+    server_version = SERVER_VERSION
     # Nagle's algorithm holds back a small write until the last one is acknowledged, and
     # the client delays that ACK: 40 ms lost per keep-alive request. We write each
     # response in one piece anyway; this makes sure nothing waits.
@@ -2087,8 +2135,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(501, f"Method {method} is not implemented")
 
     def read_headers(self):
-        """Header lines into a dict of lower-case names; bounded in size and count."""
-        headers, total = {}, 0
+        """Header lines into Headers; bounded in size and count."""
+        headers, total = Headers(), 0
         while True:
             line = self.rfile.readline(MAX_HEADER_BYTES + 1 - total)
             total += len(line)
@@ -2144,28 +2192,18 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- writing ------------------------------------------------------------
 
     def send(self, response):
-        """One log line, then status line, headers and body in one write."""
-        body = response.body
-        payload = body if isinstance(body, bytes) else json_bytes(body)
-        status = response.status
+        """One log line, then the response's bytes in one write."""
         now = time.time()
         if self.server.stopping:
             self.close_connection = True
-        lines = [f"{STATUS_LINES[status]}Date: {http_date(int(now))}\r\n"
-                 f"Server: {self.server_version}\r\n{COMMON_HEADERS}"]
-        if status != 204:
-            lines.append(f"Content-Type: {response.content_type}\r\n"
-                         f"Content-Length: {len(payload)}\r\n")
-        lines.extend(f"{name}: {value}\r\n" for name, value in response.headers)
         if self.close_connection:
-            lines.append("Connection: close\r\n")     # say so, or clients see a read error
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+            connection = "close"            # say so, or clients see a read error
+        else:
+            connection = "keep-alive" if self.request_version == "HTTP/1.0" else ""
+        data = response_bytes(response, now, connection, head=self.command == "HEAD")
         # Log first, so the line is written by the time the client has its answer.
-        self.server.log_request(self, status, now)
-        self.write_in_time(head if self.command == "HEAD" or status == 204 else head + payload)
+        self.server.log_request(self, response.status, now)
+        self.write_in_time(data)
 
     def write_in_time(self, data):
         """Write data within requestTimeout, or fail: a client that does not read holds no thread.
@@ -2372,15 +2410,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
         here, so it is simply closed.
         """
         if self.tls_context is None:
-            body = json_bytes({"message": message})
-            head = (f"{STATUS_LINES[503]}Date: {http_date(int(time.time()))}\r\n"
-                    f"Server: {AuthRequestHandler.server_version}\r\n{COMMON_HEADERS}"
-                    f"Content-Type: application/json; charset=utf-8\r\n"
-                    f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_SECONDS}\r\n"
-                    f"Connection: close\r\n\r\n")
+            busy = Response(503, {"message": message},
+                            headers=(("Retry-After", str(BUSY_RETRY_SECONDS)),))
             try:
                 request.setblocking(False)
-                request.send(head.encode("latin-1") + body)
+                request.send(response_bytes(busy, time.time(), "close"))
                 request.shutdown(socket.SHUT_WR)
                 request.recv(65536)          # what the client sent already: closing on
             except OSError:                  # unread bytes would reset the connection

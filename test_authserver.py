@@ -4223,5 +4223,50 @@ class TestChapterLayout(unittest.TestCase):
         self.assertEqual(names_used_before_defined(source), [("early", "LATE")])
 
 
+class TestChapterRequest(unittest.TestCase):
+    """What a middleware step sees of a request, and the bytes a Response becomes."""
+
+    def test_a_new_step_finds_headers_in_any_spelling(self):
+        seen = []
+
+        def step(request):
+            headers = request.headers
+            seen.append((headers.get("Authorization"), headers["X-Custom"],
+                         "X-CUSTOM" in headers, headers.get("X-Absent", "-")))
+            return authserver.Response(200, {"ok": True})
+
+        server = start_server(self)
+        with mock.patch.object(authserver, "MIDDLEWARE", [step] + authserver.MIDDLEWARE):
+            client = Client(server)
+            self.addCleanup(client.close)
+            status, _, body = client.request("GET", "/users/getInfo", headers={
+                "authorization": "Bearer abc", "x-custom": "1"})
+        self.assertEqual((status, body), (200, {"ok": True}))
+        self.assertEqual(seen, [("Bearer abc", "1", True, "-")])
+
+    def test_response_bytes(self):
+        now = 1700000000
+        date = "Tue, 14 Nov 2023 22:13:20 GMT"
+        common = ("Server: authserver/1.0\r\nAccess-Control-Allow-Origin: *\r\n"
+                  "Access-Control-Expose-Headers: WWW-Authenticate, Retry-After\r\n"
+                  "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n")
+        json_type = "Content-Type: application/json; charset=utf-8\r\n"
+        table = [
+            ((authserver.Response(200, {"a": "é"}), now), f"HTTP/1.1 200 OK\r\nDate: {date}\r\n"
+             f"{common}{json_type}Content-Length: 10\r\n\r\n" + '{"a":"é"}'),
+            ((authserver.Response(404, {"message": "x"}, headers=(("Allow", "GET"),)), now, "close"),
+             f"HTTP/1.1 404 Not Found\r\nDate: {date}\r\n{common}{json_type}"
+             'Content-Length: 15\r\nAllow: GET\r\nConnection: close\r\n\r\n{"message":"x"}'),
+            ((authserver.Response(200, b"<p>"), now, "keep-alive", True),
+             f"HTTP/1.1 200 OK\r\nDate: {date}\r\n{common}{json_type}Content-Length: 3\r\n"
+             "Connection: keep-alive\r\n\r\n"),
+            ((authserver.Response(204, headers=(("Allow", "GET"),)), now),
+             f"HTTP/1.1 204 No Content\r\nDate: {date}\r\n{common}Allow: GET\r\n\r\n"),
+        ]
+        for arguments, expected in table:
+            with self.subTest(arguments=arguments[1:]):
+                self.assertEqual(authserver.response_bytes(*arguments), expected.encode("utf-8"))
+
+
 if __name__ == "__main__":
     unittest.main()
