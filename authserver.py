@@ -767,6 +767,8 @@ def check_profile(fields):
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
 # once per load of the file instead of once per request.
 User = namedtuple("User", "record public_json")
+# What UserStore.read makes of the file; dummy_hash is checked when a name is unknown.
+UserTables = namedtuple("UserTables", "by_name by_id dummy_hash")
 
 
 class UserStore:
@@ -787,7 +789,7 @@ class UserStore:
         self.tables = self.read()
 
     def read(self):
-        """Parse and check the file: (users by name, users by id, dummy hash), or ConfigError."""
+        """Parse and check the file into UserTables, or ConfigError."""
         stamp = self.file_stamp()
         records = read_json_file(self.path, "users file")
         check_users(records, self.path)
@@ -796,9 +798,9 @@ class UserStore:
         # Unknown names are checked against a hash as slow as the slowest real one.
         iterations = max((split_password_hash(record["passwordHash"])[0] for record in records),
                          default=DEFAULT_CONFIG["passwordIterations"])
-        return ({user.record["username"]: user for user in users},
-                {user.record["id"]: user for user in users},
-                dummy_hash(iterations))
+        return UserTables(by_name={user.record["username"]: user for user in users},
+                          by_id={user.record["id"]: user for user in users},
+                          dummy_hash=dummy_hash(iterations))
 
     def file_stamp(self):
         try:
@@ -822,7 +824,7 @@ class UserStore:
             self.next_check = now + self.RECHECK_SECONDS
             if self.file_stamp() == self.stamp:
                 if force:                           # asked (SIGHUP): say that nothing changed
-                    self.log(f"users file unchanged: {len(self.tables[0])} users")
+                    self.log(f"users file unchanged: {len(self.tables.by_name)} users")
                 return
             try:
                 self.tables = self.read()
@@ -830,22 +832,21 @@ class UserStore:
                 self.stamp = self.file_stamp()      # say it once, not every second
                 self.log(f"users file not reloaded, keeping the last good one: {error}")
                 return
-        self.log(f"users file reloaded: {len(self.tables[0])} users")
+        self.log(f"users file reloaded: {len(self.tables.by_name)} users")
 
     def find_by_name(self, username):
         """(the User or None, the hash to check the password against: a dummy if None)."""
         self.refresh()
-        by_name, _, dummy = self.tables
-        user = by_name.get(username)
-        return user, user.record["passwordHash"] if user else dummy
+        tables = self.tables
+        user = tables.by_name.get(username)
+        return user, user.record["passwordHash"] if user else tables.dummy_hash
 
     def user_for(self, claims):
         """The User a verified token speaks of; TokenError if it no longer exists as such."""
         self.refresh()
         user_id = claims.get("id")
-        user = self.tables[1].get(user_id) if type(user_id) in (int, str) else None  # True == 1
-        if (user is None or type(user.record["id"]) is not type(user_id)
-                or user.record["username"] != claims.get("username")):
+        user = self.tables.by_id.get(user_id) if type(user_id) in (int, str) else None  # True == 1
+        if user is None or user.record["username"] != claims.get("username"):
             raise TokenError("user not found")
         return user
 
@@ -1983,7 +1984,6 @@ KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TR
 TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-HOST_HEADER = re.compile(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 
 
 class ClientGone(ConnectionError):
@@ -2220,11 +2220,6 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             raise
         finally:
             server.unwatch(self.connection)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors, made JSON like all of ours."""
-        self.close_connection = True
-        self.send(Response(code, {"message": message or HTTPStatus(code).phrase}))
 
 
 # ---------------------------------------------------------------------------

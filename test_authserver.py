@@ -819,19 +819,23 @@ class TestHostileHTTP(SharedServerCase):
         self.assertIn("ZeroDivisionError", self.server.test_log.getvalue())
         self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
 
-    def test_send_error_writes_json(self):
-        # http.server's own error path, kept as a safety net: JSON like every other answer.
-        handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
-        handler.server, handler.wfile = self.server, io.BytesIO()
-        handler.connection = None           # no socket for the watchman to time the write on
-        handler.command, handler.route_path, handler.request_version = "GET", "/", "HTTP/1.1"
-        handler.client_address, handler.started = ("127.0.0.1", 1), time.perf_counter()
-        handler.send_error(414)
-        head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
-        phrase = http.HTTPStatus(414).phrase               # "URI Too Long" from Python 3.13 on
-        self.assertTrue(head.startswith(f"HTTP/1.1 414 {phrase}\r\n".encode()))
-        self.assertIn(b"Connection: close", head)
-        self.assertEqual(json.loads(body), {"message": phrase})
+    def test_http_servers_own_error_pages_are_never_reached(self):
+        # Requests http.server would answer with send_error's HTML: we answer each in JSON.
+        too_many_headers = b"".join(b"X-%d: 1\r\n" % number for number in range(101))
+        table = [(b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+                 (b"GET / HTTP/2.0\r\n\r\n", 505),
+                 (b"BREW / HTTP/1.1\r\n\r\n", 501),
+                 (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+                 (b"GET / HTTP/1.1\r\n" + too_many_headers + b"\r\n", 431),
+                 (b"POST / HTTP/1.1\r\nExpect: nope\r\nContent-Length: 1\r\n\r\nx", 417)]
+        with mock.patch.object(http.server.BaseHTTPRequestHandler, "send_error") as send_error:
+            for request, expected in table:
+                with self.subTest(expected=expected):
+                    status, headers, body = raw_exchange(self.server, request)
+                    self.assertEqual(status, expected)
+                    self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+                    self.assertIn("message", json.loads(body))
+        send_error.assert_not_called()
 
     def test_reset_connection_is_one_log_line(self):
         handled = threading.Event()
@@ -2535,7 +2539,7 @@ class TestSignup(unittest.TestCase):
                          sorted(f"crowd{n}" for n in range(20)))
         self.assertEqual(len({user["id"] for user in users}), len(users))
         for number in range(20):            # each one in the server's tables already
-            self.assertIsNotNone(self.server.users.tables[0].get(f"crowd{number}"))
+            self.assertIsNotNone(self.server.users.tables.by_name.get(f"crowd{number}"))
 
     def test_same_name_at_once_exactly_one_wins(self):
         barrier = threading.Barrier(10)
@@ -2593,7 +2597,7 @@ class TestSignup(unittest.TestCase):
         go.set()
         older.join(timeout=30)
         newer.join(timeout=30)
-        self.assertIn("late", store.tables[0])
+        self.assertIn("late", store.tables.by_name)
 
     def test_off_by_default_it_is_an_unknown_path(self):
         server = start_server(self)             # no allowRegistration in its config
@@ -3287,7 +3291,7 @@ class TestLimitsCatchMutations(SharedServerCase):
             authserver.UserStore(files.users)
         self.assertIn("id 7 is twice", str(caught.exception))
         files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
-        self.assertEqual(len(authserver.UserStore(files.users).tables[1]), 2)  # 7 is not "7"
+        self.assertEqual(len(authserver.UserStore(files.users).tables.by_id), 2)  # 7 is not "7"
 
     def test_pbkdf2_iterations_are_capped(self):
         digest = base64.b64encode(bytes(32)).decode()
@@ -4143,7 +4147,7 @@ class TestConnsUsersFile(unittest.TestCase):
         self.assertTrue(wait_until(
             lambda: "users file reloaded: 1 users" in server.test_log.getvalue()),
             server.test_log.getvalue())
-        self.assertEqual(list(server.users.tables[0]), ["test"])
+        self.assertEqual(list(server.users.tables.by_name), ["test"])
 
     def test_a_broken_users_file_written_while_idle_is_reported(self):
         files = Files(self)
@@ -4151,7 +4155,7 @@ class TestConnsUsersFile(unittest.TestCase):
         files.users.write_text("[{\"id\": 1}]")
         self.assertTrue(wait_until(
             lambda: "users file not reloaded" in server.test_log.getvalue()))
-        self.assertEqual(len(server.users.tables[0]), 3)
+        self.assertEqual(len(server.users.tables.by_name), 3)
 
     @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP on this system")
     def test_sighup_on_an_unchanged_users_file_says_so(self):
