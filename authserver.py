@@ -89,6 +89,8 @@ except ImportError:
     resource = None                 # Windows: no such limit on sockets
 
 HERE = Path(__file__).resolve().parent
+CONFIG_FILE = HERE / "config.json"      # the files used when --config / --users are not given
+USERS_FILE = HERE / "users.json"
 
 
 # ---------------------------------------------------------------------------
@@ -1412,6 +1414,20 @@ def bearer_token(headers):
     return credentials.strip() if scheme.lower() == "bearer" else ""
 
 
+# The server's config decides what its tokens say and what is asked of them; these two
+# functions are the only places that read it for that. A new claim goes in both.
+
+def login_claims(config, record, now, session_id=None):
+    """The claims of a token issued under config to the user record (a login, the token command)."""
+    return make_claims(record, now, config["tokenLifetime"], config["issuer"],
+                       config["audience"], session_id)
+
+
+def claim_checks(config):
+    """What config asks of a token's claims: keywords for decode_token and check_claims."""
+    return {"leeway": config["leeway"], "issuer": config["issuer"], "audience": config["audience"]}
+
+
 def require_token(request):
     """Every path but the public ones needs a valid token for a user who still exists."""
     if request.server.routes.is_public(request.route_path):
@@ -1422,10 +1438,8 @@ def require_token(request):
                         body={"error": True, "message": "No token provided."},
                         headers=(("WWW-Authenticate", 'Bearer realm="authserver"'),))
     server = request.server
-    config = server.config
     try:
-        claims = decode_token(token, server.key, leeway=config["leeway"],
-                              issuer=config["issuer"], audience=config["audience"])
+        claims = decode_token(token, server.key, **claim_checks(server.config))
         # Signed by us, but is its user still there (and did the token name a real one)?
         request.user = server.users.user_for(claims)
         request.session_id = check_session(server.sessions, claims)
@@ -1535,7 +1549,7 @@ def authenticate(request):
     user, stored_hash = server.users.find_by_name(username)
     password = decode_password(encoded_password)
     # The hash is always computed, even for an unknown user, so time tells nothing.
-    with server.hashing:
+    with server.hash_slots:
         matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
         raise HTTPError(400, "Username or password is incorrect")
@@ -1556,8 +1570,7 @@ def token_pair(server, record, renewal):
     gets byte for byte the same token.
     """
     config = server.config
-    claims = make_claims(record, renewal.issued_at, config["tokenLifetime"], config["issuer"],
-                         config["audience"], renewal.session_id)
+    claims = login_claims(config, record, renewal.issued_at, renewal.session_id)
     return Response(200, {"token": encode_token(claims, server.key),
                           "expiresIn": config["tokenLifetime"],
                           "refreshToken": renewal.refresh_token,
@@ -1651,7 +1664,7 @@ def register(request):
     username, password, profile = read_registration(request)
     if server.users.find_by_name(username)[0] is not None:      # saves hashing in vain
         raise username_taken(username)
-    with server.hashing:                # slow, so before the users file is locked
+    with server.hash_slots:             # slow, so before the users file is locked
         password_hash = hash_password(password, server.config["passwordIterations"])
     try:
         record = add_user_record(server.users.path, username, password_hash, profile)
@@ -1981,7 +1994,8 @@ def openapi_response(schema, when, headers=()):
 # ---------------------------------------------------------------------------
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
-TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# An HTTP "token" (RFC 9110 §5.6.2), what a method or a header name is made of; not a JWT.
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -2125,7 +2139,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             if HTTP_VERSION.fullmatch(version):
                 raise HTTPError(505, f"HTTP version {version} is not supported")
             raise HTTPError(400, "Bad request line")
-        if not TOKEN_CHARS.fullmatch(method):
+        if not HTTP_TOKEN.fullmatch(method):
             raise HTTPError(400, "Bad request line")
         if not target.startswith("/") or not target.isascii() or not target.isprintable():
             raise HTTPError(400, "Bad request target")
@@ -2150,7 +2164,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             value = value.strip(" \t\r\n")
             # No space before the colon, no folded lines, no control characters: each is
             # a way to make two servers read one request differently (RFC 9112 §5).
-            if not colon or not TOKEN_CHARS.fullmatch(name) or BAD_VALUE_CHARS.search(value):
+            if not colon or not HTTP_TOKEN.fullmatch(name) or BAD_VALUE_CHARS.search(value):
                 raise HTTPError(400, "Bad header line")
             name = name.lower()
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
@@ -2327,7 +2341,7 @@ class AuthServer(http.server.ThreadingHTTPServer):
                                     config["loginWindow"])
         # One password hash per CPU at a time: a burst of logins waits its turn instead of
         # taking every core from the requests behind it.
-        self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self.hash_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
         self.deadlines = {}              # connection -> (monotonic deadline, how to cut it)
@@ -2498,9 +2512,9 @@ class AuthServer(http.server.ThreadingHTTPServer):
 def make_server(config_path=None, users_path=None, host=None, port=None,
                 tls_context=None, log_stream=None):
     """Load config, secret and users, and bind a server (not yet serving)."""
-    config = load_config(config_path or HERE / "config.json")
+    config = load_config(config_path or CONFIG_FILE)
     key = load_secret(config)
-    users = UserStore(users_path or HERE / "users.json")
+    users = UserStore(users_path or USERS_FILE)
     try:
         with file_lock(users.path):
             remove_stale_temporaries(users.path)    # left by a writer that was killed
@@ -2637,16 +2651,13 @@ def read_new_password(stdin=None):
     return password
 
 
-def iterations_from(config_path):
-    return load_config(config_path or HERE / "config.json")["passwordIterations"]
-
-
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
     check_username(args.username, "adduser")
-    path = Path(args.users or HERE / "users.json")
+    path = args.users
     refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
-    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    password_hash = hash_password(read_new_password(),
+                                  load_config(args.config)["passwordIterations"])
     fields = {field: value for field, value in (("firstName", args.first_name),
                                                 ("lastName", args.last_name),
                                                 ("phone", args.phone)) if value is not None}
@@ -2657,11 +2668,11 @@ def add_user(args):
 
 def change_password(args):
     """python authserver.py passwd NAME: a new password hash, every other field kept."""
-    path = Path(args.users or HERE / "users.json")
+    path = args.users
     find_user_record(read_users_list(path), args.username, path)     # before the prompt
-    with contextlib.closing(open_sessions(load_config(args.config or HERE / "config.json"))) \
-            as sessions:
-        password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    config = load_config(args.config)
+    with contextlib.closing(open_sessions(config)) as sessions:
+        password_hash = hash_password(read_new_password(), config["passwordIterations"])
 
         def set_hash(users):
             user = find_user_record(users, args.username, path)
@@ -2687,10 +2698,10 @@ def end_sessions(sessions, username, session_id=None):
 
 def sessions_for_command(args):
     """The SessionStore, once the user is found in the users file; ConfigError if not."""
-    users = UserStore(args.users or HERE / "users.json")
+    users = UserStore(args.users)
     if users.find_by_name(args.username)[0] is None:
         raise ConfigError(f"no user {args.username!r} in {users.path}")
-    return open_sessions(load_config(args.config or HERE / "config.json"))
+    return open_sessions(load_config(args.config))
 
 
 def list_sessions_command(args):
@@ -2726,13 +2737,12 @@ def revoke_command(args):
 
 def issue_token(args):
     """python authserver.py token NAME: a token exactly as a login would return it."""
-    config = load_config(args.config or HERE / "config.json")
-    users = UserStore(args.users or HERE / "users.json")
+    config = load_config(args.config)
+    users = UserStore(args.users)
     user, _ = users.find_by_name(args.username)
     if user is None:
         raise ConfigError(f"no user {args.username!r} in {users.path}")
-    claims = make_claims(user.record, time.time(), config["tokenLifetime"], config["issuer"],
-                         config["audience"])
+    claims = login_claims(config, user.record, time.time())
     print(encode_token(claims, load_secret(config)))
     return 0
 
@@ -2842,7 +2852,7 @@ def explain_steps(token, key, config, users, narrator, now):
         narrator.say(line)
 
     narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
-    check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
+    check_claims(claims, now, **claim_checks(config))
     narrator.check(True, "not before nbf or iat, not after exp")
 
     shown = os.path.relpath(users.path) if users.path.is_relative_to(Path.cwd()) else users.path
@@ -2920,9 +2930,9 @@ def read_token(args):
 def explain(args):
     """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
     token = read_token(args)
-    config = load_config(args.config or HERE / "config.json")
+    config = load_config(args.config)
     key = load_secret(config)
-    users = UserStore(args.users or HERE / "users.json")
+    users = UserStore(args.users)
     narrator = Narrator(sys.stdout)
     now = time.time()
     pasted = PASTED_HEADER.fullmatch(token)
@@ -2974,15 +2984,17 @@ def build_parser():
         prog="authserver.py", description="A JWT login server, standard library only.")
     parser.add_argument("--host", help="address to listen on (0.0.0.0: the whole LAN)")
     parser.add_argument("--port", type=int, help="port (default 4000; 0: any free port)")
-    parser.add_argument("--config", help="config file (default: config.json beside this file)")
-    parser.add_argument("--users", help="users file (default: users.json beside this file)")
+    parser.add_argument("--config", type=Path, default=CONFIG_FILE,
+                        help="config file (default: config.json beside this file)")
+    parser.add_argument("--users", type=Path, default=USERS_FILE,
+                        help="users file (default: users.json beside this file)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.set_defaults(action=serve)
     files = argparse.ArgumentParser(add_help=False)
     # SUPPRESS, so an option given before the command is not reset by the command.
-    files.add_argument("--config", default=argparse.SUPPRESS, help="config file")
-    files.add_argument("--users", default=argparse.SUPPRESS, help="users file")
+    files.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    files.add_argument("--users", type=Path, default=argparse.SUPPRESS, help="users file")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     adduser = commands.add_parser("adduser", parents=[files], help="add a user")

@@ -688,7 +688,7 @@ class TestBruteForce(unittest.TestCase):
 
     def test_password_hashes_run_one_per_cpu_at_most(self):
         server = start_server(self, loginAttempts=100)
-        server.hashing = threading.BoundedSemaphore(2)
+        server.hash_slots = threading.BoundedSemaphore(2)
         running, most, lock = [0], [0], threading.Lock()
         original = hashlib.pbkdf2_hmac
 
@@ -2955,7 +2955,7 @@ def login_burst(test, server, bodies):
     every password check held until each request is being checked or has been answered.
     Returns (the passwords whose check started, [(status, headers, body)] in body order)."""
     held = HeldChecks()
-    server.hashing = threading.BoundedSemaphore(len(bodies))   # count checks, not queueing
+    server.hash_slots = threading.BoundedSemaphore(len(bodies))   # count checks, not queueing
     port, results = server.server_address[1], [None] * len(bodies)
     barrier = threading.Barrier(len(bodies), timeout=30)
 
