@@ -195,14 +195,13 @@ def read_json_file(path, what):
 
 def load_config(path):
     """config.json merged over the defaults, checked, with tokenLifetime in seconds."""
-    loaded = read_json_file(path, "config file")
+    loaded, where = read_json_file(path, "config file"), f"config file {path}"
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: must hold a JSON object")
+        raise ConfigError(f"{where}: must hold a JSON object")
     unknown = sorted(set(loaded) - set(DEFAULT_CONFIG))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
-    where = f"config file {path}"
     for name in ("tokenLifetime", "refreshTokenLifetime"):
         config[name] = parse_duration(config[name], f"{where}: {name}")
     if config["refreshTokenLifetime"] < config["tokenLifetime"]:
@@ -215,12 +214,12 @@ def load_config(path):
             raise ConfigError(f"{where}: {name} must be true or false")
     for name in ("secret", "secretFile", "host", "sessionsFile"):
         if not isinstance(config[name], str):
-            raise ConfigError(f"config file {path}: {name} must be a string")
+            raise ConfigError(f"{where}: {name} must be a string")
     if not config["sessionsFile"]:
-        raise ConfigError(f"config file {path}: sessionsFile must not be empty")
+        raise ConfigError(f"{where}: sessionsFile must not be empty")
     for name in ("issuer", "audience"):
         if config[name] is not None and not (isinstance(config[name], str) and config[name]):
-            raise ConfigError(f"config file {path}: {name} must be null or a non-empty string")
+            raise ConfigError(f"{where}: {name} must be null or a non-empty string")
     return config
 
 
@@ -1418,7 +1417,7 @@ def bearer_token(headers):
 # functions are the only places that read it for that. A new claim goes in both.
 
 def login_claims(config, record, now, session_id=None):
-    """The claims of a token issued under config to the user record (a login, the token command)."""
+    """What a token issued under config says of the user record (at login, or by `token`)."""
     return make_claims(record, now, config["tokenLifetime"], config["issuer"],
                        config["audience"], session_id)
 
@@ -2688,29 +2687,41 @@ def change_password(args):
 
 # -- sessions -------------------------------------------------------------------
 
-def end_sessions(sessions, username, session_id=None):
-    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+@contextlib.contextmanager
+def sessions_file_errors(sessions):
+    """with sessions_file_errors(store): a failing sessions file is a one-line ConfigError."""
     try:
-        return sessions.end_for_user(username, session_id)
+        yield sessions
     except SessionStoreError as error:
         raise ConfigError(f"sessions file {sessions.path}: {error}") from None
 
 
+def end_sessions(sessions, username, session_id=None):
+    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+    with sessions_file_errors(sessions):
+        return sessions.end_for_user(username, session_id)
+
+
+def named_user(args):
+    """The User args.username names in the users file; ConfigError if there is none."""
+    users = UserStore(args.users)
+    user = users.find_by_name(args.username)[0]
+    if user is None:
+        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    return user
+
+
 def sessions_for_command(args):
     """The SessionStore, once the user is found in the users file; ConfigError if not."""
-    users = UserStore(args.users)
-    if users.find_by_name(args.username)[0] is None:
-        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    named_user(args)
     return open_sessions(load_config(args.config))
 
 
 def list_sessions_command(args):
     """python authserver.py sessions NAME: the user's live sessions."""
     with contextlib.closing(sessions_for_command(args)) as sessions:
-        try:
+        with sessions_file_errors(sessions):
             found = sessions.sessions_of(args.username, time.time())
-        except SessionStoreError as error:
-            raise ConfigError(f"sessions file {sessions.path}: {error}") from None
     if not found:
         print(f"no live sessions for {args.username!r}")
     for session in found:
@@ -2738,11 +2749,7 @@ def revoke_command(args):
 def issue_token(args):
     """python authserver.py token NAME: a token exactly as a login would return it."""
     config = load_config(args.config)
-    users = UserStore(args.users)
-    user, _ = users.find_by_name(args.username)
-    if user is None:
-        raise ConfigError(f"no user {args.username!r} in {users.path}")
-    claims = login_claims(config, user.record, time.time())
+    claims = login_claims(config, named_user(args).record, time.time())
     print(encode_token(claims, load_secret(config)))
     return 0
 
