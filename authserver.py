@@ -18,7 +18,8 @@ The payload is encoded, not encrypted: anyone can read it. What the server check
 the signature matches, that the algorithm is the one it uses (HS256, never "none"), and
 that the token has not expired. `python authserver.py explain TOKEN` walks through every check.
 
-The file reads top to bottom, each section using only what stands above it:
+The file reads top to bottom, each section using only what stands above it (the tests
+check that, and that this list matches the sections' banners):
 
     1. Settings                            config.json, the signing secret, the limits
     2. base64url                           RFC 4648 §5, strict
