@@ -1587,13 +1587,18 @@ def session_errors(sessions):
 
 
 def read_refresh_token(request):
-    """refreshToken from a JSON or form body."""
+    """refreshToken from a JSON or form body; None if it is text of another shape than ours.
+
+    Only the shape is checked here, for refresh and logout alike: a token of another
+    length or alphabet (a lone surrogate included) was never issued, so it needs no
+    lookup, and nothing but base64url text reaches the hashing and the database.
+    """
     token = read_fields(request).get("refreshToken")
     if token is None:
         raise HTTPError(400, "refreshToken is required")
     if not isinstance(token, str) or not token:
         raise HTTPError(400, "refreshToken must be a non-empty string")
-    return token
+    return token if REFRESH_TOKEN_SHAPE.fullmatch(token) else None
 
 
 def refresh_refused(error):
@@ -1606,7 +1611,7 @@ def refresh(request):
     """POST /users/refresh: a new access token and a new refresh token; the old one is spent."""
     refresh_token = read_refresh_token(request)
     server = request.server
-    if not REFRESH_TOKEN_SHAPE.fullmatch(refresh_token):
+    if refresh_token is None:
         raise refresh_refused(RefreshTokenError("refresh token not recognised "
                                                 "(revoked or never issued)"))
     try:
@@ -1623,10 +1628,12 @@ def refresh(request):
 
 
 def logout(request):
-    """POST /users/logout: end the refresh token's session; 204 even if it had ended."""
+    """POST /users/logout: end the refresh token's session; 204 even if it had ended, or if
+    there never was one (as for a token of another shape: a logout has nothing to refuse)."""
     refresh_token = read_refresh_token(request)
-    with session_errors(request.server.sessions) as sessions:
-        sessions.end_by_token(refresh_token)
+    if refresh_token is not None:
+        with session_errors(request.server.sessions) as sessions:
+            sessions.end_by_token(refresh_token)
     return Response(204)
 
 
@@ -1875,7 +1882,8 @@ ROUTE_DOCS = {
         "summary": "End the refresh token's session (its access tokens stop working)",
         "body": "RefreshRequest",
         "responses": {
-            204: (None, "ended, or already ended"),
+            204: (None, "ended, already ended, or never issued (a token of another shape "
+                  "too)"),
             400: ("Message", "no refreshToken, or a malformed body"),
             503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
     ("POST", "/users/logoutAll"): {
