@@ -2734,9 +2734,10 @@ def list_sessions_command(args):
     if not found:
         print(f"no live sessions for {args.username!r}")
     for session in found:
+        # The User-Agent is whatever the client sent: escapes, not terminal controls.
         print(f"{session['id']}  created {log_time(session['created'])}  "
               f"last used {log_time(session['lastUsed'])}  expires {log_time(session['expires'])}  "
-              f"{session['address'] or '-'}  {session['userAgent'] or '-'}")
+              f"{session['address'] or '-'}  {printable(session['userAgent']) or '-'}")
     return 0
 
 
