@@ -2542,9 +2542,14 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     return server
 
 
+def sessions_path(config):
+    """sessionsFile, beside the config file."""
+    return config["path"].parent / config["sessionsFile"]
+
+
 def open_sessions(config):
     """The SessionStore in sessionsFile, beside the config file; ConfigError if unusable."""
-    return SessionStore(config["path"].parent / config["sessionsFile"],
+    return SessionStore(sessions_path(config),
                         config["refreshTokenLifetime"], config["maxSessionsPerUser"],
                         config["refreshGrace"])
 
@@ -2907,18 +2912,35 @@ def explain_refresh_token(token, config, narrator):
     narrator.step(2, f"Look up its SHA-256 in {config['sessionsFile']}  (SessionStore.renew)")
     digest = refresh_token_hash(token)
     narrator.say(f"   sha256 {digest.hex()}")
-    with contextlib.closing(open_sessions(config)) as sessions, sessions.lock:
-        row = sessions.query_one("SELECT id, username, expires FROM sessions "
-                                 "WHERE refresh_hash = ?", (digest,))
-        spent = sessions.query_one("SELECT 1 FROM spent WHERE hash = ?", (digest,))
+    unknown = RefreshTokenError("refresh token not recognised (revoked or never issued)")
+    path, now = sessions_path(config), time.time()
+    if not path.exists():
+        narrator.say(f"   there is no {config['sessionsFile']} yet: no sessions at all")
+        raise unknown
+    # Read-only: explain looks, and never creates or changes the server's state.
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as connection:
+            row = connection.execute("SELECT id, username, expires FROM sessions "
+                                     "WHERE refresh_hash = ?", (digest,)).fetchone()
+            rotated = connection.execute("SELECT rotated_at FROM sessions WHERE previous_hash = ? "
+                                         "AND sealed_successor IS NOT NULL", (digest,)).fetchone()
+            spent = connection.execute("SELECT 1 FROM spent WHERE hash = ?", (digest,)).fetchone()
+    except sqlite3.Error as error:
+        raise ConfigError(f"sessions file {path}: {error}") from None
+    if row is None and rotated is not None and now - rotated[0] < config["refreshGrace"]:
+        narrator.check(True, f"spent {now - rotated[0]:.1f}s ago, within the grace "
+                             f"(refreshGrace {config['refreshGrace']}s)")
+        return ("Verdict: spent within the grace. POST /users/refresh answers 200 with the "
+                "same new pair again; after the grace, presenting it revokes its session.")
     if row is None:
         raise (RefreshTokenReuseError("refresh token already used: presenting it revokes "
-                                      "its session") if spent else
-               RefreshTokenError("refresh token not recognised (revoked or never issued)"))
-    if row[2] <= time.time():
+                                      "its session") if spent else unknown)
+    if row[2] <= now:
         raise RefreshTokenError("refresh token expired; log in again")
     narrator.check(True, f"the current refresh token of session {row[0]!r}, user {row[1]!r}; "
-                         f"{describe_time('expires', int(row[2]), time.time())}")
+                         f"{describe_time('expires', int(row[2]), now)}")
+    return "Verdict: valid. POST /users/refresh would renew it (and spend it)."
 
 
 # What devtools and curl show is the whole header line, and that is what gets copied.
@@ -2963,7 +2985,7 @@ def explain(args):
                      "jwt malformed.)")
     if REFRESH_TOKEN_SHAPE.fullmatch(token):
         try:
-            explain_refresh_token(token, config, narrator)
+            verdict = explain_refresh_token(token, config, narrator)
         except RefreshTokenError as error:
             narrator.check(False, f"{error.name}: {error}")
             narrator.say()
@@ -2972,8 +2994,7 @@ def explain(args):
                 f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
             return 1
         narrator.say()
-        narrator.say(narrator.paint("Verdict: valid. POST /users/refresh would renew it "
-                                    "(and spend it).", "ok"))
+        narrator.say(narrator.paint(verdict, "ok"))
         return 0
     try:
         explain_steps(token, key, config, users, narrator, now)
