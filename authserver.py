@@ -1137,9 +1137,15 @@ class SessionStore:
                 "INSERT INTO sessions VALUES (?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?)",
                 (session_id, username, refresh_token_hash(refresh_token), now, now, now,
                  now + self.refresh_lifetime, address[:100], user_agent[:200]))
+            # Live from here, under the lock with its row: a delete coming after this
+            # transaction (a logoutAll, another login past maxSessionsPerUser) finds both.
+            self.live.add(session_id)
             return ended
-        self.transaction(work)
-        self.live.add(session_id)
+        try:
+            self.transaction(work)
+        except SessionStoreError:
+            self.live.discard(session_id)       # rolled back: the id was never handed out
+            raise
         return session_id, refresh_token
 
     def delete(self, session_ids):
