@@ -1009,6 +1009,12 @@ class SessionStore:
 
     RECHECK_SECONDS = 1.0
     MAX_DEAD_IDS = 10000
+    # How long a request waits for our lock, and then for another process's write lock
+    # (SQLite's busy timeout). Our transactions take milliseconds, so a lock held for a
+    # second is someone else's long one (a backup, the sqlite3 shell, a stuck process):
+    # waiting longer would only pile up clients and threads behind it. They get a 503
+    # with Retry-After instead, each within about two seconds.
+    BUSY_SECONDS = 1.0
 
     def __init__(self, path, refresh_lifetime, max_per_user, grace, log=lambda message: None):
         self.path = Path(path)
@@ -1034,7 +1040,7 @@ class SessionStore:
             # Created here with its mode, so the file is never readable by others, not even
             # for a moment. (Windows ignores the mode; the folder's permissions apply.)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        connection = sqlite3.connect(self.path, timeout=5, isolation_level=None,
+        connection = sqlite3.connect(self.path, timeout=self.BUSY_SECONDS, isolation_level=None,
                                      check_same_thread=False)
         try:
             # WAL: readers never wait for the writer, and a kill -9 loses no committed
@@ -1057,10 +1063,20 @@ class SessionStore:
     def query_one(self, sql, parameters=()):
         return self.connection.execute(sql, parameters).fetchone()
 
+    @contextlib.contextmanager
+    def locked(self):
+        """with store.locked(): the lock, or SessionStoreError after BUSY_SECONDS."""
+        if not self.lock.acquire(timeout=self.BUSY_SECONDS):
+            raise SessionStoreError("sessions file busy: another request waits for it")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def transaction(self, work):
         """Run work() inside BEGIN IMMEDIATE ... COMMIT, under the lock; SessionStoreError if
         the file fails. Nothing is returned to a client before COMMIT has succeeded."""
-        with self.lock:
+        with self.locked():
             try:
                 self.connection.execute("BEGIN IMMEDIATE")
                 try:
@@ -1082,20 +1098,23 @@ class SessionStore:
     def pick_up_changes(self):
         """At most once a second, reload the live ids if another process changed the file.
 
-        PRAGMA data_version changes when another connection commits, and only then.
+        PRAGMA data_version changes when another connection commits, and only then. While
+        a transaction holds the lock (one that may be waiting for another process), the
+        look is put off to the next request: a getInfo never waits behind a login.
         """
         now = time.monotonic()
-        if now < self.next_check:
+        if now < self.next_check or not self.lock.acquire(blocking=False):
             return
-        self.next_check = now + self.RECHECK_SECONDS
-        with self.lock:
-            try:
-                version = self.query_one("PRAGMA data_version")[0]
-                if version != self.data_version:
-                    self.live = self.live_ids(time.time())
-                    self.data_version = version
-            except sqlite3.Error as error:
-                self.log(f"sessions file not re-read, keeping what is known: {error}")
+        try:
+            self.next_check = now + self.RECHECK_SECONDS
+            version = self.query_one("PRAGMA data_version")[0]
+            if version != self.data_version:
+                self.live = self.live_ids(time.time())
+                self.data_version = version
+        except sqlite3.Error as error:
+            self.log(f"sessions file not re-read, keeping what is known: {error}")
+        finally:
+            self.lock.release()
 
     def check_live(self, session_id):
         """SessionRevokedError unless the session is live. A set lookup, as a rule: the file
@@ -1105,7 +1124,7 @@ class SessionStore:
         if session_id in self.live:
             return
         if session_id not in self.dead:
-            with self.lock:
+            with self.locked():
                 try:
                     found = self.query_one("SELECT 1 FROM sessions WHERE id = ? AND expires > ?",
                                            (session_id, time.time()))
@@ -1234,7 +1253,7 @@ class SessionStore:
 
     def sessions_of(self, username, now):
         """A user's live sessions, oldest first, as the API shows them."""
-        with self.lock:
+        with self.locked():
             try:
                 rows = self.connection.execute(
                     "SELECT id, created, last_used, expires, address, user_agent FROM sessions "
