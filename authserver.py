@@ -937,7 +937,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     username TEXT NOT NULL,
     refresh_hash BLOB NOT NULL UNIQUE,  -- SHA-256 of the current refresh token
     previous_hash BLOB,             -- SHA-256 of the one it replaced ...
-    sealed_successor BLOB,          -- ... and the current one, sealed with a key only it gives
+    sealed_successor BLOB,          -- ... and the current one, sealed (see seal), for refreshGrace
     rotated_at REAL NOT NULL,       -- when the current refresh token was issued
     created REAL NOT NULL,
     last_used REAL NOT NULL,
@@ -948,6 +948,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username, created);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires);
 CREATE INDEX IF NOT EXISTS sessions_by_previous ON sessions (previous_hash);
+CREATE INDEX IF NOT EXISTS sessions_sealed ON sessions (rotated_at) WHERE sealed_successor IS NOT NULL;
 CREATE TABLE IF NOT EXISTS spent (  -- refresh tokens already rotated: reuse means theft
     hash BLOB PRIMARY KEY,
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE
@@ -988,13 +989,16 @@ def refresh_token_hash(token):
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
-def seal(successor, previous_token):
-    """successor XOR HMAC-SHA256(previous token, "successor"): the same call opens it.
+def seal(successor, previous_token, key):
+    """successor XOR HMAC-SHA256(server key, "successor:" + previous token): the same call
+    opens it.
 
-    Only whoever presents the previous token can open it, and the file never holds that
-    token, so a copy of the file opens nothing.
+    Opening it takes the previous token, which the file never holds, and the server's
+    key, which it never holds either: a copy of the file opens nothing, not even beside
+    a spent token (from an old log or backup). And seals older than refreshGrace are
+    cleared, so a copy made later holds none to open.
     """
-    pad = hmac.new(previous_token.encode("utf-8"), b"successor", hashlib.sha256).digest()
+    pad = hmac.new(key, b"successor:" + previous_token.encode("ascii"), hashlib.sha256).digest()
     return bytes(a ^ b for a, b in zip(successor, pad))
 
 
@@ -1016,9 +1020,11 @@ class SessionStore:
     # with Retry-After instead, each within about two seconds.
     BUSY_SECONDS = 1.0
 
-    def __init__(self, path, refresh_lifetime, max_per_user, grace, log=lambda message: None):
+    def __init__(self, path, refresh_lifetime, max_per_user, grace, log=lambda message: None,
+                 key=None):
         self.path = Path(path)
         self.refresh_lifetime, self.max_per_user, self.grace = refresh_lifetime, max_per_user, grace
+        self.key = key              # the server's secret, for seal; the CLI's stores rotate nothing
         self.log = log
         self.lock = threading.Lock()
         self.next_check = 0.0
@@ -1152,6 +1158,10 @@ class SessionStore:
                 "SELECT id FROM (SELECT id FROM sessions WHERE username = ? "
                 "ORDER BY created DESC LIMIT -1 OFFSET ?)", (now, username, self.max_per_user - 1))]
             self.delete(ended)
+            # Seals past the grace open nothing any more; kept, a copy of the file would hold them.
+            self.connection.execute("UPDATE sessions SET sealed_successor = NULL "
+                                    "WHERE sealed_successor IS NOT NULL AND rotated_at <= ?",
+                                    (now - self.grace,))
             self.connection.execute(
                 "INSERT INTO sessions VALUES (?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?)",
                 (session_id, username, refresh_token_hash(refresh_token), now, now, now,
@@ -1191,8 +1201,8 @@ class SessionStore:
             row = self.query_one("SELECT id, username, sealed_successor, rotated_at, "
                                  "refresh_hash FROM sessions WHERE previous_hash = ?",
                                  (presented,))
-            if row is not None and now - row[3] < self.grace:
-                successor = b64url_encode(seal(row[2], refresh_token))
+            if row is not None and row[2] is not None and now - row[3] < self.grace:
+                successor = b64url_encode(seal(row[2], refresh_token, self.key))
                 if hmac.compare_digest(refresh_token_hash(successor), row[4]):
                     return Renewal(row[0], row[1], successor, int(row[3]))
             row = self.query_one("SELECT session_id FROM spent WHERE hash = ?", (presented,))
@@ -1218,7 +1228,8 @@ class SessionStore:
             "UPDATE sessions SET refresh_hash = ?, previous_hash = ?, sealed_successor = ?, "
             "rotated_at = ?, last_used = ?, expires = ? WHERE id = ?",
             (refresh_token_hash(successor_token), refresh_token_hash(refresh_token),
-             seal(successor, refresh_token), now, now, now + self.refresh_lifetime, session_id))
+             seal(successor, refresh_token, self.key) if self.grace else None,
+             now, now, now + self.refresh_lifetime, session_id))
         self.connection.execute("INSERT OR IGNORE INTO spent VALUES (?, ?)",
                                 (refresh_token_hash(refresh_token), session_id))
         self.connection.execute(
@@ -2553,7 +2564,7 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
             remove_stale_temporaries(users.path)    # left by a writer that was killed
     except OSError:
         pass                # a read-only folder: then nobody can have left anything there
-    sessions = open_sessions(config)
+    sessions = open_sessions(config, key)
     host = config["host"] if host is None else host
     port = config["port"] if port is None else checked_number(port, "port", "--port")
     try:
@@ -2572,11 +2583,13 @@ def sessions_path(config):
     return config["path"].parent / config["sessionsFile"]
 
 
-def open_sessions(config):
-    """The SessionStore in sessionsFile, beside the config file; ConfigError if unusable."""
+def open_sessions(config, key=None):
+    """The SessionStore in sessionsFile, beside the config file; ConfigError if unusable.
+
+    key: the server's secret, which sealing needs (the CLI's stores end sessions only)."""
     return SessionStore(sessions_path(config),
                         config["refreshTokenLifetime"], config["maxSessionsPerUser"],
-                        config["refreshGrace"])
+                        config["refreshGrace"], key=key)
 
 
 def make_tls_context(cert_file, key_file):
