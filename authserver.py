@@ -785,6 +785,9 @@ class UserStore:
     def __init__(self, path, log=lambda message: None):
         self.path = Path(path)
         self.log = log
+        # Called after a reload with the names whose user is gone or has another id or
+        # password hash now: the server ends their sessions (AuthServer.end_stale_sessions).
+        self.on_change = lambda names: None
         self.stamp = None
         self.next_check = 0.0
         self.reloading = threading.Lock()
@@ -828,13 +831,17 @@ class UserStore:
                 if force:                           # asked (SIGHUP): say that nothing changed
                     self.log(f"users file unchanged: {len(self.tables.by_name)} users")
                 return
+            before = self.tables.by_name
             try:
                 self.tables = self.read()
             except ConfigError as error:
                 self.stamp = self.file_stamp()      # say it once, not every second
                 self.log(f"users file not reloaded, keeping the last good one: {error}")
                 return
-        self.log(f"users file reloaded: {len(self.tables.by_name)} users")
+        after = self.tables.by_name
+        self.on_change([name for name, user in before.items()
+                        if name not in after or changed_user(user, after[name])])
+        self.log(f"users file reloaded: {len(after)} users")
 
     def find_by_name(self, username):
         """(the User or None, the hash to check the password against: a dummy if None)."""
@@ -851,6 +858,12 @@ class UserStore:
         if user is None or user.record["username"] != claims.get("username"):
             raise TokenError("user not found")
         return user
+
+
+def changed_user(before, after):
+    """Is this another user now, or the same with another password? Then its sessions end."""
+    return (json.dumps(before.record["id"]), before.record["passwordHash"]) != \
+        (json.dumps(after.record["id"]), after.record["passwordHash"])
 
 
 class LoginLimiter:
@@ -930,11 +943,17 @@ def decode_password(encoded):
 # nobody in. Each refresh rotates the token (the old one is spent); a spent token coming
 # back means two holders, a thief and the owner, so the whole session is revoked (RFC 9700
 # §4.14.2).
+#
+# A session belongs to one account as it was at login: its user's id and a fingerprint of
+# the password hash. A name is not enough (a removed user's name may be given to someone
+# else), and a session started with a password that has since changed must end with it.
 
 SESSION_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,            -- the access token's "sid"
     username TEXT NOT NULL,
+    user_id TEXT,                   -- the user's id, as JSON (5 and "5" are two users)
+    fingerprint BLOB,               -- password_fingerprint of the hash it was started under
     refresh_hash BLOB NOT NULL UNIQUE,  -- SHA-256 of the current refresh token
     previous_hash BLOB,             -- SHA-256 of the one it replaced ...
     sealed_successor BLOB,          -- ... and the current one, sealed (see seal), for refreshGrace
@@ -979,9 +998,21 @@ class SessionStoreError(Exception):
     """The sessions file cannot be read or written right now (503, never a token)."""
 
 
-# What a login or a refresh hands out: the session, its new refresh token, and the time the
-# access token that goes with it is issued at (its iat).
-Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at")
+# What a login or a refresh hands out: the session, its new refresh token, the time the
+# access token that goes with it is issued at (its iat), and whose it is (session_owner).
+Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at owner")
+
+
+def password_fingerprint(password_hash):
+    """What a session keeps of the password hash it was started under: 16 bytes of its
+    SHA-256. Enough to tell that the hash changed; not the hash, which a copy of the
+    sessions file would otherwise hand to an offline password guesser."""
+    return hashlib.sha256(password_hash.encode("utf-8")).digest()[:16]
+
+
+def session_owner(record):
+    """(the user's id as JSON, the password's fingerprint): whom a session is for."""
+    return json.dumps(record["id"]), password_fingerprint(record["passwordHash"])
 
 
 def refresh_token_hash(token):
@@ -1029,6 +1060,7 @@ class SessionStore:
         self.lock = threading.Lock()
         self.next_check = 0.0
         self.dead = set()           # sids known to be gone: refused without asking the file
+        self.stale_names = set()    # users whose changed records end_stale has yet to apply
         try:
             self.connection = self.connect()
         except (sqlite3.Error, OSError) as error:
@@ -1057,6 +1089,12 @@ class SessionStore:
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
             connection.executescript(SESSION_SCHEMA)
+            # A file from before sessions knew their owner gets the columns; its sessions,
+            # owned by nobody, end at start-up (end_stale), and their users log in again.
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(sessions)")}
+            for column, kind in (("user_id", "TEXT"), ("fingerprint", "BLOB")):
+                if column not in columns:
+                    connection.execute(f"ALTER TABLE sessions ADD COLUMN {column} {kind}")
         except BaseException:
             connection.close()
             raise
@@ -1146,9 +1184,10 @@ class SessionStore:
 
     # -- changes: each in one transaction ------------------------------------------
 
-    def start(self, username, now, address="", user_agent=""):
-        """A new session: (its id, its first refresh token). Expired sessions and the
-        user's oldest ones past maxSessionsPerUser go in the same transaction."""
+    def start(self, username, now, address="", user_agent="", owner=(None, None)):
+        """A new session for owner (session_owner of the user's record): (its id, its first
+        refresh token). Expired sessions and the user's oldest ones past maxSessionsPerUser
+        go in the same transaction."""
         session_id = secrets.token_urlsafe(16)
         refresh_token = b64url_encode(secrets.token_bytes(REFRESH_TOKEN_BYTES))
 
@@ -1163,9 +1202,11 @@ class SessionStore:
                                     "WHERE sealed_successor IS NOT NULL AND rotated_at <= ?",
                                     (now - self.grace,))
             self.connection.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?)",
-                (session_id, username, refresh_token_hash(refresh_token), now, now, now,
-                 now + self.refresh_lifetime, address[:100], user_agent[:200]))
+                "INSERT INTO sessions (id, username, user_id, fingerprint, refresh_hash, "
+                "rotated_at, created, last_used, expires, address, user_agent) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, username, *owner, refresh_token_hash(refresh_token), now, now,
+                 now, now + self.refresh_lifetime, address[:100], user_agent[:200]))
             # Live from here, under the lock with its row: a delete coming after this
             # transaction (a logoutAll, another login past maxSessionsPerUser) finds both.
             self.live.add(session_id)
@@ -1194,17 +1235,17 @@ class SessionStore:
         presented = refresh_token_hash(refresh_token)
 
         def work():
-            row = self.query_one("SELECT id, username, expires FROM sessions "
-                                 "WHERE refresh_hash = ?", (presented,))
+            row = self.query_one("SELECT id, username, expires, user_id, fingerprint "
+                                 "FROM sessions WHERE refresh_hash = ?", (presented,))
             if row is not None:
                 return self.rotate(row, refresh_token, now)
             row = self.query_one("SELECT id, username, sealed_successor, rotated_at, "
-                                 "refresh_hash FROM sessions WHERE previous_hash = ?",
-                                 (presented,))
+                                 "refresh_hash, user_id, fingerprint FROM sessions "
+                                 "WHERE previous_hash = ?", (presented,))
             if row is not None and row[2] is not None and now - row[3] < self.grace:
                 successor = b64url_encode(seal(row[2], refresh_token, self.key))
                 if hmac.compare_digest(refresh_token_hash(successor), row[4]):
-                    return Renewal(row[0], row[1], successor, int(row[3]))
+                    return Renewal(row[0], row[1], successor, int(row[3]), (row[5], row[6]))
             row = self.query_one("SELECT session_id FROM spent WHERE hash = ?", (presented,))
             if row is not None:
                 self.delete([row[0]])
@@ -1218,7 +1259,7 @@ class SessionStore:
 
     def rotate(self, row, refresh_token, now):
         """The current refresh token becomes spent; a new one takes its place."""
-        session_id, username, expires = row
+        session_id, username, expires, *owner = row
         if expires <= now:
             self.delete([session_id])
             return RefreshTokenError("refresh token expired; log in again")
@@ -1236,7 +1277,7 @@ class SessionStore:
             "DELETE FROM spent WHERE session_id = ? AND rowid NOT IN (SELECT rowid FROM spent "
             "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)",
             (session_id, session_id, SPENT_KEPT))
-        return Renewal(session_id, username, successor_token, int(now))
+        return Renewal(session_id, username, successor_token, int(now), tuple(owner))
 
     def end_by_token(self, refresh_token):
         """Logout: end the session this refresh token (current, previous or spent) belongs
@@ -1262,14 +1303,48 @@ class SessionStore:
             return len(found)
         return self.transaction(work)
 
-    def sessions_of(self, username, now):
-        """A user's live sessions, oldest first, as the API shows them."""
+    def end_stale(self, users_by_name, names=()):
+        """End the sessions of these users that their record in users_by_name did not start:
+        the user is gone, the name is another user's now, or the password changed. Returns
+        how many ended. Names are kept until done: a call that fails (SessionStoreError)
+        leaves them for the next one."""
+        self.stale_names.update(names)
+        names = set(self.stale_names)
+
+        def work():
+            ended = []
+            for name in names:
+                user = users_by_name.get(name)
+                owner = session_owner(user.record) if user is not None else None
+                ended += [row[0] for row in self.connection.execute(
+                    "SELECT id, user_id, fingerprint FROM sessions WHERE username = ?", (name,))
+                    if (row[1], row[2]) != owner]
+            self.delete(ended)
+            return len(ended)
+        ended = self.transaction(work) if names else 0
+        self.stale_names -= names
+        return ended
+
+    def usernames(self):
+        """Every name that has sessions in the file, live or expired."""
+        with self.locked():
+            try:
+                return {row[0] for row in self.connection.execute(
+                    "SELECT DISTINCT username FROM sessions")}
+            except sqlite3.Error as error:
+                raise SessionStoreError(str(error)) from None
+
+    def sessions_of(self, username, now, owner=None):
+        """A user's live sessions, oldest first, as the API shows them; only owner's, if given
+        (the CLI shows every session of the name, the API those of the asking account)."""
+        user_id, fingerprint = owner or (None, None)
         with self.locked():
             try:
                 rows = self.connection.execute(
                     "SELECT id, created, last_used, expires, address, user_agent FROM sessions "
-                    "WHERE username = ? AND expires > ? ORDER BY created",
-                    (username, now)).fetchall()
+                    "WHERE username = ? AND expires > ? AND (? IS NULL OR (user_id = ? "
+                    "AND fingerprint = ?)) ORDER BY created",
+                    (username, now, user_id, user_id, fingerprint)).fetchall()
             except sqlite3.Error as error:
                 raise SessionStoreError(str(error)) from None
         return [{"id": row[0], "created": int(row[1]), "lastUsed": int(row[2]),
@@ -1593,10 +1668,19 @@ def authenticate(request):
     limiter.release(address_key, now)        # ... and a right password is not held against
                                              # the others who share the address
     # The session is saved before any token leaves: if the file fails, the answer is 503.
+    owner = session_owner(user.record)
     with session_errors(server.sessions):
         session_id, refresh_token = server.sessions.start(
-            username, now, request.client_address[0], request.headers.get("user-agent", ""))
-    return token_pair(server, user.record, Renewal(session_id, username, refresh_token, int(now)))
+            username, now, request.client_address[0], request.headers.get("user-agent", ""),
+            owner)
+    renewal = Renewal(session_id, username, refresh_token, int(now), owner)
+    try:
+        # The password was checked against the users file as this process last read it;
+        # if passwd changed it meanwhile, the session (saved after that check) ends here.
+        user = session_user(server, renewal)
+    except RefreshTokenError:
+        raise HTTPError(400, "Username or password is incorrect") from None
+    return token_pair(server, user.record, renewal)
 
 
 def token_pair(server, record, renewal):
@@ -1637,6 +1721,20 @@ def read_refresh_token(request):
     return token if REFRESH_TOKEN_SHAPE.fullmatch(token) else None
 
 
+def session_user(server, renewal):
+    """The User of a session, if users.json still has them as the session began (same id,
+    same password); if not, the session ends now and RefreshTokenError says why."""
+    user = server.users.find_by_name(renewal.username)[0]
+    owner = session_owner(user.record) if user is not None else (None, None)
+    if user is not None and owner == renewal.owner:
+        return user
+    with session_errors(server.sessions):
+        server.sessions.end_for_user(renewal.username, renewal.session_id)
+    if user is None or owner[0] != renewal.owner[0]:
+        raise RefreshTokenError("user not found")
+    raise RefreshTokenError("password changed; log in again")
+
+
 def refresh_refused(error):
     """401 for a refresh token that renews nothing, in the tutorial's error shape."""
     return HTTPError(401, str(error), body={"error": True, "name": error.name,
@@ -1653,11 +1751,7 @@ def refresh(request):
     try:
         with session_errors(server.sessions):
             renewal = server.sessions.renew(refresh_token, time.time())
-        user = server.users.find_by_name(renewal.username)[0]
-        if user is None:
-            with session_errors(server.sessions):
-                server.sessions.end_for_user(renewal.username)
-            raise RefreshTokenError("user not found")
+        user = session_user(server, renewal)
     except RefreshTokenError as error:
         raise refresh_refused(error) from None
     return token_pair(server, user.record, renewal)
@@ -1683,7 +1777,8 @@ def logout_all(request):
 def list_sessions(request):
     """GET /users/sessions: the user's live sessions, the one asking marked current."""
     with session_errors(request.server.sessions) as sessions:
-        found = sessions.sessions_of(request.user.record["username"], time.time())
+        found = sessions.sessions_of(request.user.record["username"], time.time(),
+                                     session_owner(request.user.record))
     for session in found:
         session["current"] = session["id"] == request.session_id
     return Response(200, {"sessions": found})
@@ -2395,6 +2490,7 @@ class AuthServer(http.server.ThreadingHTTPServer):
         self.in_flight = InFlight()
         self.stopping = False
         self.stopped = threading.Event()
+        self.sessions = None             # make_server sets it
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, AuthRequestHandler)
@@ -2514,8 +2610,22 @@ class AuthServer(http.server.ThreadingHTTPServer):
         """An idle server notices an edited users file too (refresh checks once a second)."""
         try:
             self.users.refresh()
+            if self.sessions is not None and self.sessions.stale_names:
+                self.end_stale_sessions()           # the last try found the file busy
         except Exception:                # the watchman must live on: our bug, logged
             self.log(f"error checking the users file:\n{traceback.format_exc()}")
+
+    def end_stale_sessions(self, names=()):
+        """End the sessions of these users that users.json no longer backs (a user gone, a
+        name given to another, a password changed), in every process that notices: a
+        login with the old password in the second before the reload is ended too."""
+        try:
+            ended = self.sessions.end_stale(self.users.tables.by_name, names)
+        except SessionStoreError as error:
+            self.log(f"sessions of changed users not ended yet, trying again: {error}")
+            return
+        if ended:
+            self.log(f"{ended} session(s) ended: their user is gone or has a new password")
 
     # -- logging ------------------------------------------------------------------
 
@@ -2575,6 +2685,12 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     users.log = server.log          # reloads are worth a line in the server's log
     server.sessions = sessions
     sessions.log = server.log
+    users.on_change = server.end_stale_sessions
+    # users.json may have changed while no server was running.
+    try:
+        server.end_stale_sessions(sessions.usernames())
+    except SessionStoreError as error:
+        server.log(f"sessions file {sessions.path}: {error}")
     return server
 
 
@@ -2764,9 +2880,20 @@ def named_user(args):
 
 
 def sessions_for_command(args):
-    """The SessionStore, once the user is found in the users file; ConfigError if not."""
-    named_user(args)
-    return open_sessions(load_config(args.config))
+    """The SessionStore, for a user in the users file or a name with sessions left (a user
+    removed from the file, whose sessions the admin cleans up); ConfigError if neither."""
+    users = UserStore(args.users)
+    sessions = open_sessions(load_config(args.config))
+    try:
+        with sessions_file_errors(sessions):
+            known = (users.find_by_name(args.username)[0] is not None
+                     or args.username in sessions.usernames())
+        if not known:
+            raise ConfigError(f"no user {args.username!r} in {users.path}, and no sessions")
+    except ConfigError:
+        sessions.close()
+        raise
+    return sessions
 
 
 def list_sessions_command(args):

@@ -3545,9 +3545,8 @@ class TestSessionsRevocation(SessionsCase):
     def test_a_deleted_user_cannot_refresh(self):
         body = self.login()
         authserver.save_users(self.files.users, TEST_USERS[1:])
-        self.server.users.refresh(force=True)
-        self.assertEqual(self.refresh(body["refreshToken"]), (401, {
-            "error": True, "name": "RefreshTokenError", "message": "user not found"}))
+        self.server.users.refresh(force=True)       # the reload ends the user's sessions
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
         self.assertEqual(self.server.sessions.sessions_of("test", time.time()), [])
 
     def test_oldest_sessions_end_past_max_sessions_per_user(self):
@@ -4553,6 +4552,76 @@ class TestSessionFixesPasswd(unittest.TestCase):
         self.assertEqual(set(answer), {"error", "name", "message"})
         self.assertEqual(client.request("GET", "/users/getInfo",
                                         headers=bearer(body["token"]))[0], 401)
+
+
+class TestSessionFixesOwnerChecks(SessionsCase):
+    """The checks behind the sweep: at each refresh, and when a server starts."""
+
+    def test_refresh_checks_the_owner_even_before_a_reload_ends_the_sessions(self):
+        self.server.users.on_change = lambda names: None     # as a process that missed it
+        same_id, other_id = self.login(), self.login("ncuser", "ncpassword")
+        authserver.save_users(self.files.users, [make_user(81623, "test", "changed"),
+                                                 make_user(4242, "ncuser", "ncpassword")])
+        self.server.users.refresh(force=True)
+        self.assertEqual(self.refresh(same_id["refreshToken"]), (401, {
+            "error": True, "name": "RefreshTokenError",
+            "message": "password changed; log in again"}))
+        self.assertEqual(self.refresh(other_id["refreshToken"]), (401, {
+            "error": True, "name": "RefreshTokenError", "message": "user not found"}))
+        for body in (same_id, other_id):                     # and their sessions ended
+            self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+            self.assertEqual(self.info(body["token"])[0], 401)
+
+    def test_a_login_whose_password_changed_while_it_ran_is_refused(self):
+        self.server.users.on_change = lambda names: None     # only the login's own check
+        store, users = self.server.sessions, self.server.users
+        start = store.start
+
+        def start_then_passwd(*args, **kwargs):
+            """The session is saved; then passwd's new hash lands and is read."""
+            started = start(*args, **kwargs)
+            authserver.save_users(self.files.users,
+                                  [make_user(81623, "test", "changed")] + TEST_USERS[1:])
+            users.refresh(force=True)
+            return started
+        with mock.patch.object(store, "start", start_then_passwd):
+            status, _, body = self.client.request("POST", "/users/authenticate", login_body())
+        self.assertEqual((status, body), (400, {"message": "Username or password is incorrect"}))
+        self.assertEqual(store.sessions_of("test", time.time()), [])
+
+    def test_a_server_starting_ends_the_sessions_of_users_changed_meanwhile(self):
+        self.server.users.on_change = lambda names: None     # as if it had been stopped
+        self.server.users.next_check = float("inf")
+        body = self.login()
+        kept = self.login("ncuser", "ncpassword")
+        authserver.save_users(self.files.users,
+                              [make_user(81623, "test", "changed")] + TEST_USERS[1:])
+        started = start_server(self, self.files)
+        client = self.new_client(started)
+        self.assertEqual(self.info(body["token"], client), (401, REVOKED))
+        self.assertEqual(self.info(kept["token"], client)[0], 200)
+        self.assertIn("1 session(s) ended", started.test_log.getvalue())
+
+    def test_a_sessions_file_from_before_owners_gets_the_columns(self):
+        self.server.sessions.close()
+        for path in self.files.folder.glob("authserver.sessions*"):
+            path.unlink()
+        old = authserver.sqlite3.connect(self.sessions_file())
+        old.executescript("""
+            CREATE TABLE sessions (id TEXT PRIMARY KEY, username TEXT NOT NULL,
+                refresh_hash BLOB NOT NULL UNIQUE, previous_hash BLOB, sealed_successor BLOB,
+                rotated_at REAL NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL,
+                expires REAL NOT NULL, address TEXT NOT NULL, user_agent TEXT NOT NULL);
+            INSERT INTO sessions VALUES ('old-session', 'test', x'00', NULL, NULL, 1, 1, 1,
+                                         4000000000, '', '');""")
+        old.commit()
+        old.close()
+        started = start_server(self, self.files)
+        client = self.new_client(started)
+        self.assertEqual(self.info(token_for(sid="old-session"), client), (401, REVOKED))
+        body = self.login(client=client)
+        self.assertEqual(self.info(body["token"], client)[0], 200)
+        self.assertEqual(self.refresh(body["refreshToken"], client)[0], 200)
 
 
 class TestSessionFixesSeal(SessionsCase):
