@@ -967,7 +967,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username, created);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires);
 CREATE INDEX IF NOT EXISTS sessions_by_previous ON sessions (previous_hash);
-CREATE INDEX IF NOT EXISTS sessions_sealed ON sessions (rotated_at) WHERE sealed_successor IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sessions_sealed ON sessions (rotated_at)
+    WHERE sealed_successor IS NOT NULL;     -- the seals a login clears past the grace
 CREATE TABLE IF NOT EXISTS spent (  -- refresh tokens already rotated: reuse means theft
     hash BLOB PRIMARY KEY,
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE
