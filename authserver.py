@@ -2897,6 +2897,11 @@ def sessions_for_command(args):
     return sessions
 
 
+def printable(text):
+    """text with anything a terminal might obey (escape sequences) shown as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def list_sessions_command(args):
     """python authserver.py sessions NAME: the user's live sessions."""
     with contextlib.closing(sessions_for_command(args)) as sessions:
@@ -2959,11 +2964,6 @@ class Narrator:
     def check(self, passed, text):
         mark = self.paint("ok  ", "ok") if passed else self.paint("FAIL", "fail")
         self.say(f"   {mark} {text}")
-
-
-def printable(text):
-    """text with anything a terminal might obey (escape sequences) shown as escapes."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def claims_lines(claims, now):
