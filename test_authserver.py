@@ -4589,6 +4589,22 @@ class TestSessionFixesOwnerChecks(SessionsCase):
         self.assertEqual((status, body), (400, {"message": "Username or password is incorrect"}))
         self.assertEqual(store.sessions_of("test", time.time()), [])
 
+    def test_a_reload_that_finds_the_sessions_file_busy_ends_them_later(self):
+        body = self.login()
+        holder = authserver.sqlite3.connect(self.sessions_file(), isolation_level=None, timeout=0)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        self.addCleanup(lambda: holder.in_transaction and holder.execute("ROLLBACK"))
+        authserver.save_users(self.files.users,
+                              [make_user(81623, "test", "changed")] + TEST_USERS[1:])
+        log = self.server.test_log
+        self.assertTrue(poll_until(lambda: "sessions of changed users not ended yet"
+                                   in log.getvalue()), log.getvalue())
+        holder.execute("ROLLBACK")
+        self.assertTrue(poll_until(lambda: "1 session(s) ended" in log.getvalue()),
+                        log.getvalue())
+        self.assertEqual(self.info(body["token"]), (401, REVOKED))
+
     def test_a_server_starting_ends_the_sessions_of_users_changed_meanwhile(self):
         self.server.users.on_change = lambda names: None     # as if it had been stopped
         self.server.users.next_check = float("inf")
@@ -4722,6 +4738,18 @@ class TestSessionFixesBusyFile(SessionsCase):
         holder.execute("ROLLBACK")
         self.assertEqual(self.info(self.login()["token"])[0], 200)
 
+    def test_the_change_check_does_not_wait_for_the_lock(self):
+        body = self.login()
+        store = self.server.sessions
+        client = Client(self.server)
+        client.connection.timeout = 5
+        self.addCleanup(client.close)
+        with store.lock:                     # a transaction waiting for another process
+            store.next_check = 0             # and the once-a-second look is due now
+            status, _, answer = client.request("GET", "/users/getInfo",
+                                               headers=bearer(body["token"]))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.info(body["token"])[0], 200)      # and it looks next time
 
 class TestSessionFixesLiveSet(SessionsCase):
 
