@@ -2007,7 +2007,8 @@ ROUTE_DOCS = {
         "responses": {
             200: ("Login", "renewed; the old refresh token is spent"),
             400: ("Message", "no refreshToken, or a malformed body"),
-            401: ("NamedError", "RefreshTokenError: unknown, expired or revoked; "
+            401: ("NamedError", "RefreshTokenError: unknown, expired or revoked, or its "
+                  "user removed or its password changed since the login (the session ends); "
                   "RefreshTokenReuseError: already spent, so the session is now revoked"),
             503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
     ("POST", "/users/logout"): {
