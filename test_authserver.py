@@ -3594,7 +3594,8 @@ class TestSessionsRevocation(SessionsCase):
     def test_explain_a_refresh_token_and_a_revoked_access_token(self):
         body = self.login()
         common = ("--config", self.files.config, "--users", self.files.users)
-        code, out, error = main_in_process("explain", body["refreshToken"], *common)
+        # After "--": one refresh token in 64 begins with "-", which argparse takes for an option.
+        code, out, error = main_in_process("explain", *common, "--", body["refreshToken"])
         self.assertEqual(code, 0, out + error)
         for text in ("This is a refresh token, not a JWT", "what makes it revocable",
                      hashlib.sha256(body["refreshToken"].encode()).hexdigest(),
@@ -3608,7 +3609,7 @@ class TestSessionsRevocation(SessionsCase):
         self.assertEqual(code, 1, out + error)
         self.assertIn("FAIL SessionRevokedError: session revoked", out)
         self.assertIn('"name":"SessionRevokedError","message":"session revoked"', out)
-        code, out, error = main_in_process("explain", body["refreshToken"], *common)
+        code, out, error = main_in_process("explain", *common, "--", body["refreshToken"])
         self.assertEqual(code, 1, out + error)
         self.assertIn("FAIL RefreshTokenError: refresh token not recognised", out)
 
@@ -4485,8 +4486,9 @@ class TestSessionFixesPasswd(unittest.TestCase):
     """passwd ends every session started with the old password, even one a second later."""
 
     def test_logins_with_the_old_password_while_passwd_runs_are_all_ended(self):
-        # (loginAttempts: the loop's failures once the new password is in are not the point.)
-        files = Files(self, passwordIterations=FAST_ITERATIONS, loginAttempts=100000)
+        # (The limits: the loop's failures once the new password is in are not the point.)
+        files = Files(self, passwordIterations=FAST_ITERATIONS, loginAttempts=100000,
+                      addressLoginAttempts=100000)
         server = start_server(self, files)
         # Hold the server's reload of users.json until the test lets it go: the window in
         # which the old password still works is then certain, not a matter of luck.
@@ -4784,7 +4786,7 @@ class TestSessionFixesExplain(SessionsCase):
         status, second = self.refresh(first["refreshToken"])
         self.assertEqual(status, 200)
         common = ("--config", self.files.config, "--users", self.files.users)
-        code, out, error = main_in_process("explain", first["refreshToken"], *common)
+        code, out, error = main_in_process("explain", *common, "--", first["refreshToken"])
         self.assertIn("within the grace", out)
         self.assertIn("the same new pair again", out)
         self.assertNotIn("presenting it revokes its session\n", out)
