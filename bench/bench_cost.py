@@ -127,8 +127,8 @@ def login_and_refresh(folder, args):
     print(f"POST /users/authenticate  {login_rate:10.2f} req/s  "
           f"(non-2xx {sum(r['non2xx'] for r in logins)})")
     if not refreshes:
-        print(f"POST /users/refresh       skipped: the server answers {refresh_status} "
-              f"(no refresh route, or no refreshToken in the login's answer)")
+        print(f"POST /users/refresh       skipped: no refresh route in this authserver.py "
+              f"(it answers {refresh_status}, and a login gives no refreshToken)")
         return
     refresh_rate = median_of(refreshes, "rate")
     print(f"POST /users/refresh       {refresh_rate:10.2f} req/s  "

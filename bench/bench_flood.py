@@ -3,8 +3,8 @@
     python bench/bench_flood.py [--seconds 5] [--idle 5000] [--slowloris 1000] [--logins 50]
 
 A legitimate client (wrk, 16 keep-alive connections from 127.0.0.1, GET /users/getInfo with
-a Bearer token) is measured four times in one run, against one authserver:
-- quiet: nobody else;
+a Bearer token) is measured against one authserver during each of these, and, as the
+quiet figure to compare with, just before each:
 - idle: another address, 127.0.0.2, holds --idle connections open and sends nothing;
 - slowloris: 127.0.0.2 holds --slowloris connections, each sending its request one byte a
   second (it never ends one: the server's requestTimeout cuts it off, and it reconnects);
@@ -12,8 +12,9 @@ a Bearer token) is measured four times in one run, against one authserver:
 The flooders reopen a connection the server closed after --reopen seconds, doubling the
 wait each time the server refuses a slot at once (a connection cap), up to 16 s: they keep
 holding what the server lets them hold without turning into a connect flood. Each line
-says how many connections the flood held. Nothing is pinned to a CPU: the logins are
-meant to take every core. The open-files limit is raised to its hard limit first.
+says how many connections the flood held, and how long after the flood let go the server
+answered again. Nothing is pinned to a CPU: the logins are meant to take every core. The
+open-files limit is raised to its hard limit first (the server inherits it).
 
 Goals (issue 10): the legitimate client's p99 stays under 50 ms and its req/s within 30 % of
 the quiet figure, in every case.
