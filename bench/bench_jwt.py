@@ -6,8 +6,8 @@ Every candidate runs the same claims with the same secret, in one process, measu
 ways, each in microseconds per call:
 - interleaved rounds: every candidate once per round, in turn (so a busy moment hurts
   all alike); the median of the rounds;
-- timeit: timeit.repeat(number=20000, repeat=7) per candidate, one after the other; the
-  median of the 7 (issue 9's measure).
+- timeit: 7 runs of timeit.timeit(number=20000) per candidate, the candidates taking
+  turns between runs; the median of the 7 (issue 9's measure).
 The floor is one hmac.digest(key, msg, "sha256") over the same signing input: no decode can
 cost less. PyJWT is skipped, with a line saying so, when it is not installed
 (see bench/README.md).
@@ -72,9 +72,16 @@ def interleaved(found, rounds, calls):
 
 
 def with_timeit(found, repeat, number):
-    """Median µs per call of each candidate: timeit.repeat(number=number, repeat=repeat)."""
-    return {name: statistics.median(timeit.repeat(function, number=number, repeat=repeat))
-            / number * 1e6 for name, (_, function) in found.items()}
+    """Median µs per call of each candidate over `repeat` timeit runs of `number` calls.
+
+    The repeats take turns across the candidates (as timeit.repeat would, one candidate
+    after another, but interleaved), so that a busy moment of the machine is shared.
+    """
+    samples = {name: [] for name in found}
+    for _ in range(repeat):
+        for name, (_, function) in found.items():
+            samples[name].append(timeit.timeit(function, number=number))
+    return {name: statistics.median(values) / number * 1e6 for name, values in samples.items()}
 
 
 def main():
