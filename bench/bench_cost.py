@@ -1,18 +1,19 @@
 """What the per-request checks cost: this authserver.py against an older one, and refresh vs login.
 
-    python bench/bench_cost.py [--baseline fc0e828] [--rounds 3] [--seconds 5]
+    python bench/bench_cost.py [--baseline fc0e828] [--rounds 5] [--seconds 4]
 
 1. GET /users/getInfo, keep-alive, 16 connections, with the token a login gave: the
    authserver.py of the working tree against the one of --baseline (a git revision, by
    default the commit before the session checks and connection caps were added), each run
    from a temporary folder with its own config.json and users.json. Whatever the newer file
    does on every request (checking the token's session, counting connections per address)
-   shows as the difference; rounds take turns (baseline, current), figures are medians.
+   shows as the difference; the two take turns going first, round by round; medians.
    Servers on CPU 0, wrk on CPU 1.
 2. POST /users/authenticate and POST /users/refresh, one client each, on the current file,
    not pinned: a login hashes the password (PBKDF2); a refresh presents the refresh token
-   the previous answer gave (rotation), and hashes nothing. Skipped, with a line saying so,
-   when the server answers 404 (no refresh route in this version).
+   the previous answer gave (rotation), and hashes nothing. The refresh is skipped, with a
+   line saying so, when this authserver.py has no refresh route (a 404, or the 403 of a
+   version where every unknown path needs a token, and no refreshToken from a login).
 
 Goals (issue 10): the checks cost no more than 10 % of getInfo's req/s in all; a refresh is
 at least 50x faster than a login.
@@ -56,8 +57,8 @@ def login_token(server):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default=BASELINE, help=f"git revision (default {BASELINE})")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    parser.add_argument("--seconds", type=int, default=4, help="per wrk run (4)")
     args = parser.parse_args()
     if missing_wrk():
         return 0
@@ -82,8 +83,8 @@ def per_request_cost(folder, old_source, args):
     try:
         for server in servers:
             server.token = login_token(server)
-        for _ in range(args.rounds):
-            for server in servers:
+        for round_number in range(args.rounds):
+            for server in servers[::1 if round_number % 2 == 0 else -1]:   # take turns first
                 runs[server.name].append(wrk(server.port, "/users/getInfo", 16, args.seconds,
                                              [f"Authorization: Bearer {server.token}"]))
     finally:
