@@ -224,7 +224,8 @@ def login_storm(server, folder, args):
     run = measure(server, args.seconds, args.connections)
     output = logins.communicate(timeout=args.seconds + 120)[0]
     answered = parse_wrk(output)
-    return run, f"{answered['rate']:.1f} logins/s meanwhile"
+    return run, (f"{answered['rate']:.1f} logins/s meanwhile (non-2xx {answered['non2xx']}, "
+                 f"errors {answered['errors']})")
 
 
 def report(results):
