@@ -23,7 +23,7 @@ The file reads top to bottom, each section using only what stands above it:
     1. Settings            config.json, the signing secret, the limits
     2. base64url           RFC 4648 §5, strict
     3. JWT                 encode_token / decode_token: pure functions, no HTTP
-    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter
+    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter, sessions
     5. HTTP errors         one HTTPError, one JSON responder
     6. Middleware          a list of small steps every request goes through
     7. Routes              a table of (method, path) -> function
@@ -34,23 +34,34 @@ It is the Node.js "JWT authentication server" tutorial's API, made safe: a teach
 example and a LAN demo, not a production identity provider (see README.md).
 """
 
+import sys
+
+# First, before anything an older Python cannot run: one line instead of a traceback.
+# (Python 3.6 to 3.8 get this far; 3.5 and 2.7 cannot even parse the f-strings below.)
+if sys.version_info < (3, 9):
+    sys.exit("authserver needs Python 3.9+ (this is %d.%d)" % sys.version_info[:2])
+
 import argparse
 import base64
 import binascii
+import contextlib
+import errno
 import functools
 import getpass
+import glob
 import hashlib
 import hmac
 import http.server
 import json
+import math
 import os
 import re
 import secrets
 import signal
 import socket
 import socketserver
+import sqlite3
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -61,6 +72,12 @@ from datetime import datetime, timezone
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
+
+try:                                # POSIX: advisory whole-file locks
+    import fcntl
+except ImportError:                 # Windows: byte-range locks from the C runtime
+    fcntl = None
+    import msvcrt
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,20 +99,43 @@ DEFAULT_CONFIG = {
     "audience": None,              # likewise "aud"
     "maxBodyBytes": 16384,
     "requestTimeout": 10,          # seconds a client has to send a whole request
-    "loginAttempts": 5,            # failed logins allowed per user and per address ...
-    "loginWindow": 60,             # ... in this many seconds
+    "loginAttempts": 5,            # password checks one username may start ...
+    "addressLoginAttempts": 50,    # ... and one client address (a whole class behind a NAT) ...
+    "loginWindow": 60,             # ... in this many seconds; a right password is not counted
     "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
+    "refreshTokenLifetime": "14d",  # a refresh token's life from its issue (at least tokenLifetime)
+    "sessionsFile": "authserver.sessions",  # SQLite, relative to the config file's folder
+    "maxSessionsPerUser": 20,      # a user's oldest sessions end when a login goes past this
+    "refreshGrace": 10,            # seconds a just-rotated refresh token still gets the same pair
 }
 
 MIN_SECRET_BYTES = 32          # RFC 7518 §3.2: an HS256 key at least as long as the hash
+MAX_ITERATIONS = 10_000_000    # PBKDF2 rounds: more would take minutes per login
 MAX_TOKEN_BYTES = 8192         # refuse longer tokens before doing any work on them
 MAX_LINE_BYTES = 8192          # request line
 MAX_HEADER_BYTES = 16384       # all header lines together, like Node's default
 MAX_HEADERS = 100
-DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+DURATION = re.compile(r"(\d{1,9})\s*([smhd]?)")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# The numeric settings: (int for whole numbers only, float for any number, lowest, highest).
+# Counts, sizes and the port are whole numbers; only times in seconds may be fractional.
+# The bounds keep every value usable where it goes (a deque length, a thread timeout).
+NUMBER_SETTINGS = {
+    "port": (int, 0, 65535),
+    "maxBodyBytes": (int, 1, 2 ** 30),
+    "loginAttempts": (int, 1, 1_000_000),
+    "addressLoginAttempts": (int, 1, 1_000_000),
+    "loginWindow": (int, 1, 86400),
+    "passwordIterations": (int, 1, MAX_ITERATIONS),
+    "leeway": (float, 0, 86400),
+    "requestTimeout": (float, 0.001, 86400),
+    "shutdownGrace": (float, 0, 86400),
+    "maxSessionsPerUser": (int, 1, 1_000_000),
+    "refreshGrace": (float, 0, 86400),
+}
 
 
 class ConfigError(Exception):
@@ -110,6 +150,17 @@ def parse_duration(value, name):
     if not match or int(match.group(1)) == 0:
         raise ConfigError(f'{name} must be a positive number of seconds or like "30m", "1h", "2d"')
     return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def checked_number(value, name, where):
+    """value, if NUMBER_SETTINGS allows it for name; else ConfigError naming where it came from."""
+    kind, lowest, highest = NUMBER_SETTINGS[name]
+    allowed = (int,) if kind is int else (int, float)     # type(), so that True is not 1
+    # NaN and infinities fail the range check as well.
+    if type(value) not in allowed or not lowest <= value <= highest:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{where}: {name} must be {what} from {lowest} to {highest}")
+    return value
 
 
 def read_json_file(path, what):
@@ -131,17 +182,21 @@ def load_config(path):
     if unknown:
         raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
-    config["tokenLifetime"] = parse_duration(config["tokenLifetime"], "tokenLifetime")
-    for name, lowest in (("leeway", 0), ("shutdownGrace", 0), ("requestTimeout", 0.001),
-                         ("maxBodyBytes", 1), ("loginAttempts", 1), ("loginWindow", 1),
-                         ("passwordIterations", 1)):
-        if type(config[name]) not in (int, float) or config[name] < lowest:
-            raise ConfigError(f"config file {path}: {name} must be a number >= {lowest}")
-    if type(config["port"]) is not int or not 0 <= config["port"] <= 65535:
-        raise ConfigError(f"config file {path}: port must be a whole number from 0 to 65535")
-    for name in ("secret", "secretFile", "host"):
+    where = f"config file {path}"
+    for name in ("tokenLifetime", "refreshTokenLifetime"):
+        config[name] = parse_duration(config[name], f"{where}: {name}")
+    if config["refreshTokenLifetime"] < config["tokenLifetime"]:
+        # A session must outlive the access tokens it issued, or they would be refused early.
+        raise ConfigError(f"{where}: refreshTokenLifetime must be at least tokenLifetime")
+    for name in NUMBER_SETTINGS:
+        checked_number(config[name], name, where)
+    if type(config["accessLog"]) is not bool:
+        raise ConfigError(f"{where}: accessLog must be true or false")
+    for name in ("secret", "secretFile", "host", "sessionsFile"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
+    if not config["sessionsFile"]:
+        raise ConfigError(f"config file {path}: sessionsFile must not be empty")
     for name in ("issuer", "audience"):
         if config[name] is not None and not (isinstance(config[name], str) and config[name]):
             raise ConfigError(f"config file {path}: {name} must be null or a non-empty string")
@@ -168,6 +223,61 @@ def write_file_atomically(path, text, mode=0o600):
         raise
 
 
+# Two writers that each read a file, change it and write it back lose one change unless
+# the whole read-modify-write is one critical section. A lock on the file itself is no
+# good: os.replace puts a new file (a new inode) under the name, and Windows refuses to
+# replace a file another process holds open. So the lock lives in a companion file,
+# "<name>.lock", made once and never removed (removing it would let two writers lock two
+# different files). The thread lock covers writers in one process, whatever the platform's
+# file locks do between threads.
+IN_PROCESS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold the exclusive lock for path, across threads and processes, until the block ends."""
+    path = Path(path)
+    with IN_PROCESS_LOCK, open(path.with_name(path.name + ".lock"), "a+b") as lock:
+        lock_file(lock)
+        try:
+            yield
+        finally:
+            unlock_file(lock)
+
+
+def lock_file(handle):
+    """Block until this process holds the lock on handle (flock, or msvcrt on Windows)."""
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        return
+    handle.seek(0)
+    while True:
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+            return
+        except OSError as error:    # LK_LOCK gives up after 10 one-second tries; we don't
+            if error.errno != getattr(errno, "EDEADLOCK", errno.EDEADLK):
+                raise
+
+
+def unlock_file(handle):
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    else:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporary copies a writer killed before its rename left beside path.
+
+    Call it only with file_lock(path) held: then no live writer is halfway through one.
+    """
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        leftover.unlink(missing_ok=True)
+
+
 def load_secret(config):
     """The HMAC key as bytes: config's "secret", else secretFile, made on first start."""
     if config["secret"]:
@@ -175,9 +285,12 @@ def load_secret(config):
     path = config["path"].parent / config["secretFile"]
     if not path.exists():
         # 256 random bits, different on every install: a secret shipped in the
-        # repository would let anyone who read it sign tokens for any user.
+        # repository would let anyone who read it sign tokens for any user. Made under
+        # the lock, so two servers started together do not each make their own.
         try:
-            write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
+            with file_lock(path):
+                if not path.exists():
+                    write_file_atomically(path, secrets.token_urlsafe(32) + "\n")
         except OSError as error:
             raise ConfigError(f"cannot create secret file {path}: {error}") from None
     try:
@@ -332,10 +445,12 @@ def encode_token(claims, secret):
     return f"{signing_input}.{b64url_encode(signature)}"
 
 
-def make_claims(user, now, lifetime, issuer=None, audience=None):
-    """What a login token says: who, issued when, valid until when (and for whom)."""
+def make_claims(user, now, lifetime, issuer=None, audience=None, session_id=None):
+    """What a login token says: who, issued when, until when (for whom, in which session)."""
     claims = {"id": user["id"], "username": user["username"],
               "iat": int(now), "exp": int(now) + lifetime}
+    if session_id:
+        claims["sid"] = session_id
     if issuer:
         claims["iss"] = issuer
     if audience:
@@ -397,8 +512,8 @@ def read_payload(payload_segment):
 
 
 def is_number(value):
-    """JSON numbers only: True and "1700000000" are not times."""
-    return type(value) in (int, float)
+    """Finite JSON numbers only: True, "1700000000" and 1e400 (inf to Python) are not times."""
+    return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
 def check_claims(claims, now, leeway=0, issuer=None, audience=None):
@@ -416,7 +531,9 @@ def check_claims(claims, now, leeway=0, issuer=None, audience=None):
     # We always set exp, so a token without one was not made by us.
     if not is_number(claims.get("exp")):
         raise TokenError("invalid exp value")
-    if now >= claims["exp"] + leeway:
+    # now - leeway, not exp + leeway: an int exp beyond a float's range cannot be added to
+    # a float leeway, but compares with a float exactly.
+    if now - leeway >= claims["exp"]:
         raise TokenExpiredError("jwt expired")
     if audience is not None:
         presented = claims.get("aud")
@@ -446,7 +563,6 @@ def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
 # string says how it was made, so the iteration count can rise without breaking
 # old hashes. PBKDF2-HMAC-SHA256 at 600,000 rounds is OWASP's 2023 advice.
 HASH_ALGORITHM = "pbkdf2_sha256"
-MAX_ITERATIONS = 10_000_000
 
 
 def hash_password(password, iterations=DEFAULT_CONFIG["passwordIterations"], salt=None):
@@ -490,6 +606,26 @@ def public_record(user):
     return {name: value for name, value in user.items() if "password" not in name.lower()}
 
 
+# One rule for usernames, applied when the server loads users.json and when adduser
+# writes it, so the command line can never write a file the server then refuses. Letters
+# of any script are welcome (café, 山田); whitespace, control characters and lone surrogates
+# (argv bytes that were not UTF-8) are not: nobody can see them, let alone type them.
+MAX_USERNAME_CHARS = 64
+NOT_IN_USERNAMES = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_username(name, where):
+    """ConfigError, starting with where, unless name is a username users.json may hold."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: a username must be non-empty text, not {name!r}")
+    if len(name) > MAX_USERNAME_CHARS:
+        raise ConfigError(f"{where}: username {name[:20]!r}... is longer than "
+                          f"{MAX_USERNAME_CHARS} characters")
+    if NOT_IN_USERNAMES.search(name):
+        raise ConfigError(f"{where}: username {name!r} contains whitespace or a control "
+                          f"character")
+
+
 def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
@@ -497,8 +633,7 @@ def check_users(users, path):
     seen_names, seen_ids = set(), set()
     for user in users:
         name, user_id = user.get("username"), user.get("id")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"users file {path}: every user needs a username")
+        check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
         if name in seen_names or user_id in seen_ids:
@@ -515,6 +650,69 @@ def check_users(users, path):
             raise ConfigError(
                 f"users file {path}: user {name!r} has no valid passwordHash; set one "
                 f"with: python authserver.py passwd {name} --users {path}") from None
+
+
+# -- changing users.json: adduser, passwd and sign-up, one writer at a time ----
+
+class UsernameTaken(ConfigError):
+    """adduser or sign-up for a name users.json already has."""
+
+
+def read_users_list(path):
+    """The raw list in users.json, to be edited."""
+    users = read_json_file(path, "users file")
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
+        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
+    return users
+
+
+def save_users(path, users):
+    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
+
+
+def update_users_file(path, change):
+    """Read users.json, let change(users) edit the list, write it back: one locked step.
+
+    Returns what change returns. Slow work (hashing a password) belongs before the call,
+    so that the lock is held for a read and a write only.
+    """
+    with file_lock(path):
+        remove_stale_temporaries(path)
+        users = read_users_list(path)
+        result = change(users)
+        save_users(path, users)
+    return result
+
+
+def find_record(users, username):
+    return next((user for user in users if user.get("username") == username), None)
+
+
+def find_user_record(users, username, path):
+    """The record for username; ConfigError naming the file if there is none."""
+    user = find_record(users, username)
+    if user is None:
+        raise ConfigError(f"no user {username!r} in {path}")
+    return user
+
+
+def refuse_taken(users, username, path):
+    if find_record(users, username) is not None:
+        raise UsernameTaken(f"user {username!r} already exists in {path}; "
+                            f"use: python authserver.py passwd {username}")
+
+
+def add_user_record(path, username, password_hash, fields):
+    """Append a user with a fresh random id to users.json; UsernameTaken if the name is."""
+    def append(users):
+        refuse_taken(users, username, path)
+        taken = {user.get("id") for user in users}
+        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
+                       if candidate not in taken)
+        record = {"id": user_id, "username": username, "passwordHash": password_hash, **fields}
+        users.append(record)
+        return record
+    return update_users_file(path, append)
 
 
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
@@ -594,41 +792,52 @@ class UserStore:
 
 
 class LoginLimiter:
-    """Failed logins per key (a username, an address) in a sliding window.
+    """Password checks started per key, ("user", name) or ("address", ip), in a sliding window.
 
-    The table holds at most max_keys keys, dropping the least recently failed, so a
-    flood of made-up usernames cannot grow it without limit.
+    A check is counted when it starts, in the same locked step that finds it allowed:
+    counting only failures already made would let a burst of guesses sent at once all
+    through before the first one is counted. limits gives each kind of key its own limit.
+    The table holds at most max_keys keys, dropping the least recently used, so a flood
+    of made-up usernames cannot grow it without limit.
     """
 
-    def __init__(self, attempts, window, max_keys=10000):
-        self.attempts, self.window, self.max_keys = attempts, window, max_keys
-        self.failures = OrderedDict()            # key -> deque of failure times
+    def __init__(self, limits, window, max_keys=10000):
+        self.limits, self.window, self.max_keys = limits, window, max_keys
+        self.started = OrderedDict()             # key -> deque of start times, oldest first
         self.lock = threading.Lock()
 
-    def retry_after(self, keys, now):
-        """Seconds until any of keys may try again; 0 if all may try now."""
-        wait = 0.0
+    def reserve(self, keys, now):
+        """Count one check against every key and return 0; or, if any key has none left,
+        count nothing and return the whole seconds until it has one."""
         with self.lock:
+            waits = []
             for key in keys:
-                times = self.failures.get(key)
+                times = self.started.get(key)
                 while times and times[0] <= now - self.window:
                     times.popleft()
-                if times and len(times) >= self.attempts:
-                    wait = max(wait, times[0] + self.window - now)
-        return int(wait) + 1 if wait else 0
-
-    def record_failure(self, keys, now):
-        with self.lock:
+                if times and len(times) >= self.limits[key[0]]:
+                    waits.append(times[0] + self.window - now)
+            if waits:
+                return int(max(waits)) + 1
             for key in keys:
-                times = self.failures.pop(key, None) or deque(maxlen=max(self.attempts, 1))
+                times = self.started.pop(key, None) or deque()
                 times.append(now)
-                self.failures[key] = times
-            while len(self.failures) > self.max_keys:
-                self.failures.popitem(last=False)
+                self.started[key] = times       # to the end: the most recently used
+            while len(self.started) > self.max_keys:
+                self.started.popitem(last=False)
+        return 0
+
+    def release(self, key, now):
+        """Take back the check counted against key at now (a right password)."""
+        with self.lock:
+            times = self.started.get(key)
+            if times and now in times:
+                times.remove(now)
 
     def forget(self, key):
+        """Start key's count afresh."""
         with self.lock:
-            self.failures.pop(key, None)
+            self.started.pop(key, None)
 
 
 def decode_password(encoded):
@@ -645,6 +854,326 @@ def decode_password(encoded):
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+# -- sessions: refresh tokens, logout, revocation -----------------------------
+# An access token is stateless: nobody can take it back before its exp. A session is the
+# stateful half that makes logout possible. Each login starts one, in SQLite; the access
+# token names it ("sid"), and a refresh token, random and opaque, renews it. Revoking the
+# session refuses its access tokens from that moment and its refresh token for ever.
+#
+# The file holds SHA-256 hashes of refresh tokens only, never a token: a copy of it lets
+# nobody in. Each refresh rotates the token (the old one is spent); a spent token coming
+# back means two holders, a thief and the owner, so the whole session is revoked (RFC 9700
+# §4.14.2).
+
+SESSION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,            -- the access token's "sid"
+    username TEXT NOT NULL,
+    refresh_hash BLOB NOT NULL UNIQUE,  -- SHA-256 of the current refresh token
+    previous_hash BLOB,             -- SHA-256 of the one it replaced ...
+    sealed_successor BLOB,          -- ... and the current one, sealed with a key only it gives
+    rotated_at REAL NOT NULL,       -- when the current refresh token was issued
+    created REAL NOT NULL,
+    last_used REAL NOT NULL,
+    expires REAL NOT NULL,          -- rotated_at + refreshTokenLifetime
+    address TEXT NOT NULL,
+    user_agent TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username, created);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires);
+CREATE INDEX IF NOT EXISTS sessions_by_previous ON sessions (previous_hash);
+CREATE TABLE IF NOT EXISTS spent (  -- refresh tokens already rotated: reuse means theft
+    hash BLOB PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS spent_by_session ON spent (session_id);
+"""
+SPENT_KEPT = 32                # spent hashes remembered per session; older ones are "unknown"
+REFRESH_TOKEN_BYTES = 32
+REFRESH_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")      # 32 bytes in base64url
+
+
+class RefreshTokenError(TokenError):
+    """A refresh token that renews nothing: unknown, expired, or its session ended."""
+    name = "RefreshTokenError"
+
+
+class RefreshTokenReuseError(RefreshTokenError):
+    """A spent refresh token came back: the session is revoked."""
+    name = "RefreshTokenReuseError"
+
+
+class SessionRevokedError(TokenError):
+    """A validly signed access token whose session has ended (logout, revoke, reuse)."""
+    name = "SessionRevokedError"
+
+
+class SessionStoreError(Exception):
+    """The sessions file cannot be read or written right now (503, never a token)."""
+
+
+# What a login or a refresh hands out: the session, its new refresh token, and the time the
+# access token that goes with it is issued at (its iat).
+Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at")
+
+
+def refresh_token_hash(token):
+    """What the file keeps instead of the token: its SHA-256."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def seal(successor, previous_token):
+    """successor XOR HMAC-SHA256(previous token, "successor"): the same call opens it.
+
+    Only whoever presents the previous token can open it, and the file never holds that
+    token, so a copy of the file opens nothing.
+    """
+    pad = hmac.new(previous_token.encode("utf-8"), b"successor", hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(successor, pad))
+
+
+class SessionStore:
+    """Sessions in SQLite, and in memory the ids of the live ones, for require_token.
+
+    One connection behind a lock, not one per thread: SQLite lets one writer in at a time
+    anyway, a Python lock queues our threads in turn where SQLite's busy handler would have
+    them sleep and poll, and the in-memory set changes under the same lock as the rows.
+    Two processes (a second server, the CLI) are kept apart by BEGIN IMMEDIATE.
+    """
+
+    RECHECK_SECONDS = 1.0
+    MAX_DEAD_IDS = 10000
+
+    def __init__(self, path, refresh_lifetime, max_per_user, grace, log=lambda message: None):
+        self.path = Path(path)
+        self.refresh_lifetime, self.max_per_user, self.grace = refresh_lifetime, max_per_user, grace
+        self.log = log
+        self.lock = threading.Lock()
+        self.next_check = 0.0
+        self.dead = set()           # sids known to be gone: refused without asking the file
+        try:
+            self.connection = self.connect()
+        except (sqlite3.Error, OSError) as error:
+            raise ConfigError(f"sessions file {self.path}: {error}") from None
+        try:
+            self.data_version = self.query_one("PRAGMA data_version")[0]
+            self.live = self.live_ids(time.time())
+        except sqlite3.Error as error:
+            self.connection.close()
+            raise ConfigError(f"sessions file {self.path}: {error}") from None
+
+    def connect(self):
+        """Open (or create, mode 0600) the file, in WAL mode, with the tables."""
+        if not self.path.exists():
+            # Created here with its mode, so the file is never readable by others, not even
+            # for a moment. (Windows ignores the mode; the folder's permissions apply.)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        connection = sqlite3.connect(self.path, timeout=5, isolation_level=None,
+                                     check_same_thread=False)
+        try:
+            # WAL: readers never wait for the writer, and a kill -9 loses no committed
+            # transaction. NORMAL: no fsync per commit (a power cut may lose the last ones;
+            # their holders log in again), and the file is never left corrupt.
+            if connection.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise sqlite3.OperationalError("cannot switch to WAL mode")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.executescript(SESSION_SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def close(self):
+        with self.lock:
+            self.connection.close()
+
+    def query_one(self, sql, parameters=()):
+        return self.connection.execute(sql, parameters).fetchone()
+
+    def transaction(self, work):
+        """Run work() inside BEGIN IMMEDIATE ... COMMIT, under the lock; SessionStoreError if
+        the file fails. Nothing is returned to a client before COMMIT has succeeded."""
+        with self.lock:
+            try:
+                self.connection.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work()
+                    self.connection.execute("COMMIT")
+                except BaseException:
+                    self.connection.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as error:
+                raise SessionStoreError(str(error)) from None
+            return result
+
+    # -- what require_token asks, on every request ---------------------------------
+
+    def live_ids(self, now):
+        return {row[0] for row in self.connection.execute(
+            "SELECT id FROM sessions WHERE expires > ?", (now,))}
+
+    def pick_up_changes(self):
+        """At most once a second, reload the live ids if another process changed the file.
+
+        PRAGMA data_version changes when another connection commits, and only then.
+        """
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.RECHECK_SECONDS
+        with self.lock:
+            try:
+                version = self.query_one("PRAGMA data_version")[0]
+                if version != self.data_version:
+                    self.live = self.live_ids(time.time())
+                    self.data_version = version
+            except sqlite3.Error as error:
+                self.log(f"sessions file not re-read, keeping what is known: {error}")
+
+    def check_live(self, session_id):
+        """SessionRevokedError unless the session is live. A set lookup, as a rule: the file
+        is read only for an id this process has never seen (a session another server started
+        a moment ago, or one that ended), and an id found gone is remembered."""
+        self.pick_up_changes()
+        if session_id in self.live:
+            return
+        if session_id not in self.dead:
+            with self.lock:
+                try:
+                    found = self.query_one("SELECT 1 FROM sessions WHERE id = ? AND expires > ?",
+                                           (session_id, time.time()))
+                except sqlite3.Error as error:
+                    raise SessionStoreError(str(error)) from None
+                if found:
+                    self.live.add(session_id)
+                    return
+                if len(self.dead) >= self.MAX_DEAD_IDS:
+                    self.dead.clear()
+                self.dead.add(session_id)
+        raise SessionRevokedError("session revoked")
+
+    # -- changes: each in one transaction ------------------------------------------
+
+    def start(self, username, now, address="", user_agent=""):
+        """A new session: (its id, its first refresh token). Expired sessions and the
+        user's oldest ones past maxSessionsPerUser go in the same transaction."""
+        session_id = secrets.token_urlsafe(16)
+        refresh_token = b64url_encode(secrets.token_bytes(REFRESH_TOKEN_BYTES))
+
+        def work():
+            ended = [row[0] for row in self.connection.execute(
+                "SELECT id FROM sessions WHERE expires <= ? UNION "
+                "SELECT id FROM (SELECT id FROM sessions WHERE username = ? "
+                "ORDER BY created DESC LIMIT -1 OFFSET ?)", (now, username, self.max_per_user - 1))]
+            self.delete(ended)
+            self.connection.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?)",
+                (session_id, username, refresh_token_hash(refresh_token), now, now, now,
+                 now + self.refresh_lifetime, address[:100], user_agent[:200]))
+            return ended
+        self.transaction(work)
+        self.live.add(session_id)
+        return session_id, refresh_token
+
+    def delete(self, session_ids):
+        """Delete sessions (their spent hashes follow, ON DELETE CASCADE); call inside work."""
+        for session_id in session_ids:
+            self.connection.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self.live.discard(session_id)
+
+    def renew(self, refresh_token, now):
+        """Rotate a refresh token: a Renewal with its successor; RefreshTokenError if none.
+
+        Two refreshes at the same moment with the same token (an app's two tabs or two
+        requests) are not theft: within refreshGrace seconds of a rotation the token it
+        replaced gets the same successor again, unsealed from the row, and the same access
+        token (same iat). After that, or for any older spent token, the session is revoked.
+        """
+        presented = refresh_token_hash(refresh_token)
+
+        def work():
+            row = self.query_one("SELECT id, username, expires FROM sessions "
+                                 "WHERE refresh_hash = ?", (presented,))
+            if row is not None:
+                return self.rotate(row, refresh_token, now)
+            row = self.query_one("SELECT id, username, sealed_successor, rotated_at, "
+                                 "refresh_hash FROM sessions WHERE previous_hash = ?",
+                                 (presented,))
+            if row is not None and now - row[3] < self.grace:
+                successor = b64url_encode(seal(row[2], refresh_token))
+                if hmac.compare_digest(refresh_token_hash(successor), row[4]):
+                    return Renewal(row[0], row[1], successor, int(row[3]))
+            row = self.query_one("SELECT session_id FROM spent WHERE hash = ?", (presented,))
+            if row is not None:
+                self.delete([row[0]])
+                return RefreshTokenReuseError(
+                    "refresh token already used: the session is revoked; log in again")
+            return RefreshTokenError("refresh token not recognised (revoked or never issued)")
+        outcome = self.transaction(work)
+        if isinstance(outcome, TokenError):
+            raise outcome             # raised after COMMIT, so the revocation stands
+        return outcome
+
+    def rotate(self, row, refresh_token, now):
+        """The current refresh token becomes spent; a new one takes its place."""
+        session_id, username, expires = row
+        if expires <= now:
+            self.delete([session_id])
+            return RefreshTokenError("refresh token expired; log in again")
+        successor = secrets.token_bytes(REFRESH_TOKEN_BYTES)
+        successor_token = b64url_encode(successor)
+        self.connection.execute(
+            "UPDATE sessions SET refresh_hash = ?, previous_hash = ?, sealed_successor = ?, "
+            "rotated_at = ?, last_used = ?, expires = ? WHERE id = ?",
+            (refresh_token_hash(successor_token), refresh_token_hash(refresh_token),
+             seal(successor, refresh_token), now, now, now + self.refresh_lifetime, session_id))
+        self.connection.execute("INSERT OR IGNORE INTO spent VALUES (?, ?)",
+                                (refresh_token_hash(refresh_token), session_id))
+        self.connection.execute(
+            "DELETE FROM spent WHERE session_id = ? AND rowid NOT IN (SELECT rowid FROM spent "
+            "WHERE session_id = ? ORDER BY rowid DESC LIMIT ?)",
+            (session_id, session_id, SPENT_KEPT))
+        return Renewal(session_id, username, successor_token, int(now))
+
+    def end_by_token(self, refresh_token):
+        """Logout: end the session this refresh token (current, previous or spent) belongs
+        to. Returns how many sessions ended: 0 for a token already ended or never issued."""
+        presented = refresh_token_hash(refresh_token)
+
+        def work():
+            found = self.connection.execute(
+                "SELECT id FROM sessions WHERE refresh_hash = ? OR previous_hash = ? "
+                "UNION SELECT session_id FROM spent WHERE hash = ?",
+                (presented, presented, presented)).fetchall()
+            self.delete(row[0] for row in found)
+            return len(found)
+        return self.transaction(work)
+
+    def end_for_user(self, username, session_id=None):
+        """Revoke every session of a user, or one; how many ended."""
+        def work():
+            found = self.connection.execute(
+                "SELECT id FROM sessions WHERE username = ? AND (? IS NULL OR id = ?)",
+                (username, session_id, session_id)).fetchall()
+            self.delete(row[0] for row in found)
+            return len(found)
+        return self.transaction(work)
+
+    def sessions_of(self, username, now):
+        """A user's live sessions, oldest first, as the API shows them."""
+        with self.lock:
+            try:
+                rows = self.connection.execute(
+                    "SELECT id, created, last_used, expires, address, user_agent FROM sessions "
+                    "WHERE username = ? AND expires > ? ORDER BY created",
+                    (username, now)).fetchall()
+            except sqlite3.Error as error:
+                raise SessionStoreError(str(error)) from None
+        return [{"id": row[0], "created": int(row[1]), "lastUsed": int(row[2]),
+                 "expires": int(row[3]), "address": row[4], "userAgent": row[5]} for row in rows]
 
 
 # ---------------------------------------------------------------------------
@@ -675,6 +1204,15 @@ def token_refused(error):
                      body={"error": True, "name": error.name, "message": str(error)},
                      headers=(("WWW-Authenticate",
                                f'Bearer error="invalid_token", error_description="{description}"'),))
+
+
+def sessions_unavailable(sessions, error):
+    """503 when the sessions file fails: no token is issued, no revocation claimed."""
+    sessions.log(f"sessions file {sessions.path}: {error}")
+    message = "Sessions are unavailable right now; try again shortly"
+    return HTTPError(503, message,
+                     body={"error": True, "name": "SessionStoreError", "message": message},
+                     headers=(("Retry-After", "5"),))
 
 
 # Sent on every response, errors included: "*" is what the cors package sends by default,
@@ -750,9 +1288,25 @@ def require_token(request):
                               issuer=config["issuer"], audience=config["audience"])
         # Signed by us, but is its user still there (and did the token name a real one)?
         request.user = server.users.user_for(claims)
+        request.session_id = check_session(server.sessions, claims)
     except TokenError as error:
         raise token_refused(error) from None
     return None
+
+
+def check_session(sessions, claims):
+    """The token's session id, if it names one that is still live; None for a token without
+    one (made before sessions existed, or by the token command): verified as before."""
+    if "sid" not in claims:
+        return None
+    session_id = claims["sid"]
+    if not isinstance(session_id, str):
+        raise TokenError("invalid sid value")
+    try:
+        sessions.check_live(session_id)
+    except SessionStoreError as error:
+        raise sessions_unavailable(sessions, error) from None
+    return session_id
 
 
 def route(request):
@@ -783,8 +1337,8 @@ def run_middleware(request):
 # 7. Routes
 # ---------------------------------------------------------------------------
 
-def read_credentials(request):
-    """username and the base64 password from a JSON or form body."""
+def read_fields(request):
+    """The fields of a JSON or form body, as a dict."""
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     try:
         if content_type == "application/json":
@@ -796,6 +1350,12 @@ def read_credentials(request):
                                  "application/x-www-form-urlencoded")
     except ValueError as error:
         raise HTTPError(400, f"Malformed body: {error}") from None
+    return fields
+
+
+def read_credentials(request):
+    """username and the base64 password from a JSON or form body."""
+    fields = read_fields(request)
     username, password = fields.get("username"), fields.get("password")
     if username is None or password is None:
         raise HTTPError(400, "username and password are required")
@@ -822,8 +1382,9 @@ def authenticate(request):
     username, encoded_password = read_credentials(request)
     server, now = request.server, time.time()
     limiter = server.limiter
-    keys = (("user", username), ("address", request.client_address[0]))
-    wait = limiter.retry_after(keys, now)
+    user_key, address_key = ("user", username), ("address", request.client_address[0])
+    # The check is counted before the hash is computed, so no burst gets more than the limit.
+    wait = limiter.reserve((user_key, address_key), now)
     if wait:
         raise HTTPError(429, f"Too many failed logins; try again in {wait} seconds",
                         headers=(("Retry-After", str(wait)),))
@@ -833,14 +1394,99 @@ def authenticate(request):
     with server.hashing:
         matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
-        limiter.record_failure(keys, now)
         raise HTTPError(400, "Username or password is incorrect")
-    limiter.forget(keys[0])
+    limiter.forget(user_key)                 # the user's count starts afresh ...
+    limiter.release(address_key, now)        # ... and a right password is not held against
+                                             # the others who share the address
+    # The session is saved before any token leaves: if the file fails, the answer is 503.
+    with session_errors(server.sessions):
+        session_id, refresh_token = server.sessions.start(
+            username, now, request.client_address[0], request.headers.get("user-agent", ""))
+    return token_pair(server, user.record, Renewal(session_id, username, refresh_token, int(now)))
+
+
+def token_pair(server, record, renewal):
+    """The login answer: the tutorial's token and expiresIn, plus the refresh token.
+
+    The access token's iat is the renewal's, so a refresh repeated within refreshGrace
+    gets byte for byte the same token.
+    """
     config = server.config
-    claims = make_claims(user.record, now, config["tokenLifetime"], config["issuer"],
-                         config["audience"])
+    claims = make_claims(record, renewal.issued_at, config["tokenLifetime"], config["issuer"],
+                         config["audience"], renewal.session_id)
     return Response(200, {"token": encode_token(claims, server.key),
-                          "expiresIn": config["tokenLifetime"]})
+                          "expiresIn": config["tokenLifetime"],
+                          "refreshToken": renewal.refresh_token,
+                          "refreshExpiresIn": config["refreshTokenLifetime"]})
+
+
+@contextlib.contextmanager
+def session_errors(sessions):
+    """with session_errors(store): a failing sessions file becomes a JSON 503."""
+    try:
+        yield sessions
+    except SessionStoreError as error:
+        raise sessions_unavailable(sessions, error) from None
+
+
+def read_refresh_token(request):
+    """refreshToken from a JSON or form body."""
+    token = read_fields(request).get("refreshToken")
+    if token is None:
+        raise HTTPError(400, "refreshToken is required")
+    if not isinstance(token, str) or not token:
+        raise HTTPError(400, "refreshToken must be a non-empty string")
+    return token
+
+
+def refresh_refused(error):
+    """401 for a refresh token that renews nothing, in the tutorial's error shape."""
+    return HTTPError(401, str(error), body={"error": True, "name": error.name,
+                                            "message": str(error)})
+
+
+def refresh(request):
+    """POST /users/refresh: a new access token and a new refresh token; the old one is spent."""
+    refresh_token = read_refresh_token(request)
+    server = request.server
+    if not REFRESH_TOKEN_SHAPE.fullmatch(refresh_token):
+        raise refresh_refused(RefreshTokenError("refresh token not recognised "
+                                                "(revoked or never issued)"))
+    try:
+        with session_errors(server.sessions):
+            renewal = server.sessions.renew(refresh_token, time.time())
+        user = server.users.find_by_name(renewal.username)[0]
+        if user is None:
+            with session_errors(server.sessions):
+                server.sessions.end_for_user(renewal.username)
+            raise RefreshTokenError("user not found")
+    except RefreshTokenError as error:
+        raise refresh_refused(error) from None
+    return token_pair(server, user.record, renewal)
+
+
+def logout(request):
+    """POST /users/logout: end the refresh token's session; 204 even if it had ended."""
+    refresh_token = read_refresh_token(request)
+    with session_errors(request.server.sessions) as sessions:
+        sessions.end_by_token(refresh_token)
+    return Response(204)
+
+
+def logout_all(request):
+    """POST /users/logoutAll: end every session of the token's user."""
+    with session_errors(request.server.sessions) as sessions:
+        sessions.end_for_user(request.user.record["username"])
+    return Response(204)
+
+
+def list_sessions(request):
+    """GET /users/sessions: the user's live sessions, the one asking marked current."""
+    with session_errors(request.server.sessions) as sessions:
+        found = sessions.sessions_of(request.user.record["username"], time.time())
+    for session in found:
+        session["current"] = session["id"] == request.session_id
+    return Response(200, {"sessions": found})
 
 
 def get_info(request):
@@ -867,10 +1513,15 @@ def serve_page(request):
 ROUTES = {
     ("POST", "/users/authenticate"): authenticate,
     ("GET", "/users/getInfo"): get_info,
+    ("POST", "/users/refresh"): refresh,
+    ("POST", "/users/logout"): logout,
+    ("POST", "/users/logoutAll"): logout_all,
+    ("GET", "/users/sessions"): list_sessions,
     ("GET", "/"): serve_page,
 }
-# As in the tutorial, authentication runs before routing; only these paths skip it.
-PUBLIC_PATHS = {"/users/authenticate", "/"}
+# As in the tutorial, authentication runs before routing; only these paths skip it. A
+# refresh token is its own credential: refresh and logout work after the access token expired.
+PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/"}
 
 
 def allowed_methods(path):
@@ -1029,9 +1680,11 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             return b""
         if not (length_text.isascii() and length_text.isdigit()):
             raise HTTPError(400, "Bad Content-Length")
-        length, limit = int(length_text), self.server.config["maxBodyBytes"]
-        if length > limit:
+        digits, limit = length_text.lstrip("0") or "0", self.server.config["maxBodyBytes"]
+        # Count the digits before int(): Python refuses to convert more than 4,300 of them.
+        if len(digits) > len(str(limit)) or int(digits) > limit:
             raise HTTPError(413, f"Body larger than {limit} bytes")
+        length = int(digits)
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1116,10 +1769,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
-        self.limiter = LoginLimiter(config["loginAttempts"], config["loginWindow"])
+        self.limiter = LoginLimiter({"user": config["loginAttempts"],
+                                     "address": config["addressLoginAttempts"]},
+                                    config["loginWindow"])
         # One password hash per CPU at a time: a burst of logins waits its turn instead of
-        # taking every core from the requests behind it. (The limiter counts only failures
-        # already made, so it cannot stop a burst sent all at once.)
+        # taking every core from the requests behind it.
         self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
@@ -1131,6 +1785,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, AuthRequestHandler)
         threading.Thread(target=self.cut_off_slow_clients, daemon=True).start()
+
+    def server_close(self):
+        super().server_close()
+        if getattr(self, "sessions", None) is not None:
+            self.sessions.close()
 
     def server_bind(self):
         # http.server looks up the host's full DNS name here, which can take seconds.
@@ -1209,14 +1868,30 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     config = load_config(config_path or HERE / "config.json")
     key = load_secret(config)
     users = UserStore(users_path or HERE / "users.json")
+    try:
+        with file_lock(users.path):
+            remove_stale_temporaries(users.path)    # left by a writer that was killed
+    except OSError:
+        pass                # a read-only folder: then nobody can have left anything there
+    sessions = open_sessions(config)
     host = config["host"] if host is None else host
-    port = config["port"] if port is None else port
+    port = config["port"] if port is None else checked_number(port, "port", "--port")
     try:
         server = AuthServer((host, port), config, users, key, tls_context, log_stream)
     except OSError as error:
+        sessions.close()
         raise ConfigError(f"cannot listen on {host} port {port}: {error.strerror or error}") from None
     users.log = server.log          # reloads are worth a line in the server's log
+    server.sessions = sessions
+    sessions.log = server.log
     return server
+
+
+def open_sessions(config):
+    """The SessionStore in sessionsFile, beside the config file; ConfigError if unusable."""
+    return SessionStore(config["path"].parent / config["sessionsFile"],
+                        config["refreshTokenLifetime"], config["maxSessionsPerUser"],
+                        config["refreshGrace"])
 
 
 def make_tls_context(cert_file, key_file):
@@ -1303,30 +1978,26 @@ def serve(args):
 
 # -- managing users -----------------------------------------------------------
 
-def read_users_list(path):
-    """The raw list in users.json, for adduser and passwd to edit."""
-    users = read_json_file(path, "users file")
-    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
-        raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    return users
-
-
 def read_new_password(stdin=None):
     """From the terminal with getpass (asked twice), or one line from stdin for scripts."""
     stdin = stdin or sys.stdin
-    if stdin.isatty():
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Repeat it: ") != password:
-            raise ConfigError("the two passwords differ")
-    else:
-        password = stdin.readline().rstrip("\r\n")
+    try:
+        if stdin.isatty():
+            password = getpass.getpass("New password: ")
+            if getpass.getpass("Repeat it: ") != password:
+                raise ConfigError("the two passwords differ")
+        else:
+            line = stdin.readline()
+            if not line:
+                raise EOFError
+            password = line.rstrip("\r\n")
+    except EOFError:                    # Ctrl-D at the prompt, or nothing piped in
+        if stdin.isatty():
+            print(file=sys.stderr)      # getpass left the cursor after its prompt
+        raise ConfigError("no password given (end of input)") from None
     if not password:
         raise ConfigError("empty password refused")
     return password
-
-
-def save_users(path, users):
-    write_file_atomically(path, json.dumps(users, indent=2, ensure_ascii=False) + "\n", 0o644)
 
 
 def iterations_from(config_path):
@@ -1335,36 +2006,80 @@ def iterations_from(config_path):
 
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
+    check_username(args.username, "adduser")
     path = Path(args.users or HERE / "users.json")
-    users = read_users_list(path)
-    if any(user.get("username") == args.username for user in users):
-        raise ConfigError(f"user {args.username!r} already exists in {path}; "
-                          f"use: python authserver.py passwd {args.username}")
-    taken = {user.get("id") for user in users}
-    user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
-                   if candidate not in taken)
-    user = {"id": user_id, "username": args.username,
-            "passwordHash": hash_password(read_new_password(), iterations_from(args.config))}
-    for field, value in (("firstName", args.first_name), ("lastName", args.last_name),
-                         ("phone", args.phone)):
-        if value is not None:
-            user[field] = value
-    save_users(path, users + [user])
-    print(f"added user {args.username!r} (id {user_id}) to {path}")
+    refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
+    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    fields = {field: value for field, value in (("firstName", args.first_name),
+                                                ("lastName", args.last_name),
+                                                ("phone", args.phone)) if value is not None}
+    record = add_user_record(path, args.username, password_hash, fields)
+    print(f"added user {args.username!r} (id {record['id']}) to {path}")
     return 0
 
 
 def change_password(args):
     """python authserver.py passwd NAME: a new password hash, every other field kept."""
     path = Path(args.users or HERE / "users.json")
-    users = read_users_list(path)
-    user = next((user for user in users if user.get("username") == args.username), None)
-    if user is None:
-        raise ConfigError(f"no user {args.username!r} in {path}")
-    user.pop("password", None)
-    user["passwordHash"] = hash_password(read_new_password(), iterations_from(args.config))
-    save_users(path, users)
-    print(f"password changed for {args.username!r} in {path}")
+    find_user_record(read_users_list(path), args.username, path)     # before the prompt
+    with contextlib.closing(open_sessions(load_config(args.config or HERE / "config.json"))) \
+            as sessions:
+        password_hash = hash_password(read_new_password(), iterations_from(args.config))
+
+        def set_hash(users):
+            user = find_user_record(users, args.username, path)
+            user.pop("password", None)
+            user["passwordHash"] = password_hash
+
+        update_users_file(path, set_hash)
+        # Whoever was logged in with the old password is logged out: often why it changed.
+        ended = end_sessions(sessions, args.username)
+    print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
+    return 0
+
+
+# -- sessions -------------------------------------------------------------------
+
+def end_sessions(sessions, username, session_id=None):
+    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+    try:
+        return sessions.end_for_user(username, session_id)
+    except SessionStoreError as error:
+        raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+
+
+def sessions_for_command(args):
+    """The SessionStore, once the user is found in the users file; ConfigError if not."""
+    users = UserStore(args.users or HERE / "users.json")
+    if users.find_by_name(args.username)[0] is None:
+        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    return open_sessions(load_config(args.config or HERE / "config.json"))
+
+
+def list_sessions_command(args):
+    """python authserver.py sessions NAME: the user's live sessions."""
+    with contextlib.closing(sessions_for_command(args)) as sessions:
+        try:
+            found = sessions.sessions_of(args.username, time.time())
+        except SessionStoreError as error:
+            raise ConfigError(f"sessions file {sessions.path}: {error}") from None
+    if not found:
+        print(f"no live sessions for {args.username!r}")
+    for session in found:
+        print(f"{session['id']}  created {log_time(session['created'])}  "
+              f"last used {log_time(session['lastUsed'])}  expires {log_time(session['expires'])}  "
+              f"{session['address'] or '-'}  {session['userAgent'] or '-'}")
+    return 0
+
+
+def revoke_command(args):
+    """python authserver.py revoke NAME [SESSION]: end all the user's sessions, or one."""
+    with contextlib.closing(sessions_for_command(args)) as sessions:
+        ended = end_sessions(sessions, args.username, args.session)
+    if args.session and not ended:
+        raise ConfigError(f"no session {args.session!r} for user {args.username!r}")
+    print(f"{ended} session(s) of {args.username!r} revoked; their access tokens are refused "
+          f"within a second")
     return 0
 
 
@@ -1392,6 +2107,7 @@ class Narrator:
     def __init__(self, stream):
         self.stream = stream
         self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
+        self.after_failure = []         # lines a failed step leaves to say after its FAIL
 
     def paint(self, text, style):
         return f"\033[{self.COLOURS[style]}m{text}\033[0m" if self.colour else text
@@ -1406,6 +2122,30 @@ class Narrator:
     def check(self, passed, text):
         mark = self.paint("ok  ", "ok") if passed else self.paint("FAIL", "fail")
         self.say(f"   {mark} {text}")
+
+
+def printable(text):
+    """text with anything a terminal might obey (escape sequences) shown as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def claims_lines(claims, now):
+    """The claims as JSON, then iat, nbf and exp as dates: what step 4 shows."""
+    lines = [f"   {printable(COMPACT_JSON.encode(claims))}"]
+    return lines + [f"   {describe_time(name, claims[name], now)}"
+                    for name in ("iat", "nbf", "exp") if name in claims]
+
+
+def untrusted_payload_lines(payload_segment, now, narrator):
+    """The payload of a token whose signature failed: readable, but not trusted."""
+    warning = narrator.paint("Readable, but not trusted:", "fail")
+    try:
+        claims = parse_json_object(b64url_decode(payload_segment))
+    except ValueError:
+        return ["", f"   {warning} (the payload is not even base64url JSON: nothing to read)"]
+    return ["", f"   {warning} the payload is only base64url (encoded, not encrypted),",
+            "   and without a valid signature anyone could have written it:"
+            ] + claims_lines(claims, now)
 
 
 def describe_time(name, value, now):
@@ -1434,7 +2174,7 @@ def explain_steps(token, key, config, users, narrator, now):
     try:
         header_text = b64url_decode(header_segment).decode("utf-8", "replace")
         # A hostile token must not reach the terminal's control sequences.
-        narrator.say("   " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in header_text))
+        narrator.say("   " + printable(header_text))
     except ValueError:
         narrator.say("   (not base64url)")
     read_header(header_segment)
@@ -1449,15 +2189,18 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
     narrator.say(f"   presented {narrator.paint(signature_segment or '(empty)', 'signature')}")
-    check_signature(signing_input, signature_segment, key)
+    try:
+        check_signature(signing_input, signature_segment, key)
+    except TokenError:
+        # The lesson of a failed signature: the claims were never secret, only unproven.
+        narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
+        raise
     narrator.check(True, "they match (hmac.compare_digest, constant time)")
 
     narrator.step(4, "Decode the payload: base64url -> JSON  (read_payload)")
     claims = read_payload(payload_segment)
-    narrator.say(f"   {COMPACT_JSON.encode(claims)}")
-    for name in ("iat", "nbf", "exp"):
-        if name in claims:
-            narrator.say(f"   {describe_time(name, claims[name], now)}")
+    for line in claims_lines(claims, now):
+        narrator.say(line)
 
     narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
     check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
@@ -1467,21 +2210,111 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.step(6, f"Find the user in {shown}  (require_token)")
     users.user_for(claims)
     narrator.check(True, f"id {claims['id']!r} is user {claims['username']!r}")
+    explain_session(claims, config, narrator)
+
+
+def explain_session(claims, config, narrator):
+    """Step 7: a token that names a session is good only while the session lives."""
+    narrator.step(7, "Is the session still live?  (check_session)")
+    if "sid" not in claims:
+        narrator.say("   no sid: a token without a session (made by the token command, or "
+                     "before sessions existed)")
+        narrator.check(True, "nothing to revoke it by: it is good until its exp")
+        return
+    narrator.say(f"   sid {claims['sid']!r}, looked up in {config['sessionsFile']}")
+    try:
+        with contextlib.closing(open_sessions(config)) as sessions:
+            check_session(sessions, claims)
+    except HTTPError as error:
+        raise ConfigError(f"sessions file {config['sessionsFile']}: {error}") from None
+    narrator.check(True, "the session is live: nobody logged it out or revoked it")
+
+
+def explain_refresh_token(token, config, narrator):
+    """What a refresh token is, and whether this server's database knows it."""
+    narrator.step(1, "This is a refresh token, not a JWT")
+    narrator.say("   43 base64url characters = 32 random bytes from secrets. No header, no")
+    narrator.say("   claims, no signature: nothing in it can be read or checked on its own.")
+    narrator.say("   It means something only to the server that keeps its SHA-256 in the")
+    narrator.say("   sessions file, which is exactly what makes it revocable: delete the")
+    narrator.say("   row and it is worthless. A JWT, checked by its signature alone, cannot be.")
+    narrator.step(2, f"Look up its SHA-256 in {config['sessionsFile']}  (SessionStore.renew)")
+    digest = refresh_token_hash(token)
+    narrator.say(f"   sha256 {digest.hex()}")
+    with contextlib.closing(open_sessions(config)) as sessions, sessions.lock:
+        row = sessions.query_one("SELECT id, username, expires FROM sessions "
+                                 "WHERE refresh_hash = ?", (digest,))
+        spent = sessions.query_one("SELECT 1 FROM spent WHERE hash = ?", (digest,))
+    if row is None:
+        raise (RefreshTokenReuseError("refresh token already used: presenting it revokes "
+                                      "its session") if spent else
+               RefreshTokenError("refresh token not recognised (revoked or never issued)"))
+    if row[2] <= time.time():
+        raise RefreshTokenError("refresh token expired; log in again")
+    narrator.check(True, f"the current refresh token of session {row[0]!r}, user {row[1]!r}; "
+                         f"{describe_time('expires', int(row[2]), time.time())}")
+
+
+# What devtools and curl show is the whole header line, and that is what gets copied.
+PASTED_HEADER = re.compile(
+    r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)", re.I | re.S)
+
+
+def read_token(args):
+    """The token to explain: the argument, or stdin (piped in, or pasted after "explain -")."""
+    if args.token not in (None, "-"):
+        return args.token.strip()
+    if sys.stdin.isatty():
+        if args.token is None:          # waiting silently for input would look like a hang
+            sys.stderr.write(args.usage())
+            raise ConfigError("give the token as an argument, or pipe it in: "
+                              "... | python authserver.py explain")
+        print("Paste the token, then Enter:", file=sys.stderr, flush=True)
+        text = sys.stdin.readline()
+    else:
+        text = sys.stdin.read()
+    if not text.strip():
+        raise ConfigError("no token on stdin")
+    return text.strip()
 
 
 def explain(args):
     """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
-    token = args.token if args.token not in (None, "-") else sys.stdin.read()
-    token = token.strip()
+    token = read_token(args)
     config = load_config(args.config or HERE / "config.json")
     key = load_secret(config)
     users = UserStore(args.users or HERE / "users.json")
     narrator = Narrator(sys.stdout)
     now = time.time()
+    pasted = PASTED_HEADER.fullmatch(token)
+    if pasted:
+        # Go on with the token, as a teacher would; the server itself refuses the whole line.
+        token = pasted.group(2).strip()
+        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
+        narrator.say(f"Note: this looks like a whole header; the token is the part after "
+                     f"'{after}'.")
+        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
+                     "jwt malformed.)")
+    if REFRESH_TOKEN_SHAPE.fullmatch(token):
+        try:
+            explain_refresh_token(token, config, narrator)
+        except RefreshTokenError as error:
+            narrator.check(False, f"{error.name}: {error}")
+            narrator.say()
+            narrator.say(narrator.paint(
+                f"Verdict: POST /users/refresh answers 401 "
+                f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
+            return 1
+        narrator.say()
+        narrator.say(narrator.paint("Verdict: valid. POST /users/refresh would renew it "
+                                    "(and spend it).", "ok"))
+        return 0
     try:
         explain_steps(token, key, config, users, narrator, now)
     except TokenError as error:
         narrator.check(False, f"{error.name}: {error}")
+        for line in narrator.after_failure:
+            narrator.say(line)
         narrator.say()
         narrator.say(narrator.paint(
             f"Verdict: rejected. The server answers 401 "
@@ -1520,6 +2353,16 @@ def build_parser():
     passwd.add_argument("username")
     passwd.set_defaults(action=change_password)
 
+    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions")
+    sessions.add_argument("username")
+    sessions.set_defaults(action=list_sessions_command)
+
+    revoke = commands.add_parser("revoke", parents=[files],
+                                 help="revoke a user's sessions (all, or the one given)")
+    revoke.add_argument("username")
+    revoke.add_argument("session", nargs="?", help="a session id from the sessions command")
+    revoke.set_defaults(action=revoke_command)
+
     token = commands.add_parser("token", parents=[files], help="print a token for a user")
     token.add_argument("username")
     token.set_defaults(action=issue_token)
@@ -1527,17 +2370,29 @@ def build_parser():
     explain_command = commands.add_parser("explain", parents=[files],
                                           help="verify a token step by step")
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
-    explain_command.set_defaults(action=explain)
+    explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.action(args)
+        code = args.action(args)
+        sys.stdout.flush()              # a closed pipe is reported here, not at exit
+        return code
+    except BrokenPipeError:
+        # Whoever read our output went away (explain ... | head): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as error:
         print(f"authserver: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C in a command (the server stops cleanly on its own): one line, and the
+        # shell's code for "ended by SIGINT". On a terminal, first end the prompt's line.
+        print("\nauthserver: interrupted" if sys.stderr.isatty() else "authserver: interrupted",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

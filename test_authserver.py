@@ -6,11 +6,17 @@ Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 
 import base64
 import hashlib
+import hmac
 import http
 import http.client
+import http.server
 import io
 import json
 import os
+import runpy
+import re
+import queue
+import select
 import shutil
 import signal
 import socket
@@ -23,6 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
+from html.parser import HTMLParser
 from pathlib import Path
 from unittest import mock
 
@@ -130,7 +137,10 @@ def raw_exchange(server, data, timeout=10):
         return read_response(sock)
 
 
-def read_response(sock):
+def read_response(sock, timeout=10):
+    """One response from sock: (status, headers, body). Never waits for ever."""
+    if sock.gettimeout() is None:
+        sock.settimeout(timeout)        # a broken server fails the test instead of hanging it
     buffer = b""
     while b"\r\n\r\n" not in buffer:
         chunk = sock.recv(65536)
@@ -350,14 +360,6 @@ class TestPasswords(unittest.TestCase):
         self.assertEqual(pbkdf2.call_args[0][3], 600000)
         self.assertNotEqual(hash_password("x", 1000), hash_password("x", 1000))   # salted
 
-    def test_shipped_users_hold_hashes_of_the_tutorial_passwords(self):
-        users = json.loads((HERE / "users.json").read_text())
-        self.assertEqual([user["username"] for user in users], ["test", "ncuser"])
-        for user, password in zip(users, ("test", "ncpassword")):
-            self.assertNotIn("password", user)
-            self.assertTrue(user["passwordHash"].startswith("pbkdf2_sha256$600000$"))
-            self.assertTrue(verify_password(password, user["passwordHash"]))
-
     def test_no_password_field_is_ever_public(self):
         record = {"id": 1, "username": "u", "passwordHash": "x", "oldPassword": "y",
                   "PASSWORD_HINT": "z", "email": "u@example.org"}
@@ -414,11 +416,6 @@ class TestConfig(unittest.TestCase):
             with self.subTest(setting), self.assertRaises(authserver.ConfigError) as caught:
                 authserver.load_config(Files(self, **setting).config)
             self.assertIn(next(iter(setting)), str(caught.exception))
-
-    def test_shipped_config_has_no_secret(self):
-        config = json.loads((HERE / "config.json").read_text())
-        self.assertEqual(config["secret"], "")
-        self.assertEqual(config["port"], 4000)
 
 
 class TestUsersFile(unittest.TestCase):
@@ -492,10 +489,10 @@ class TestAPI(unittest.TestCase):
     def test_login_with_json(self):
         status, response, body = self.login()
         self.assertEqual(status, 200)
-        self.assertEqual(set(body), {"token", "expiresIn"})
+        self.assertEqual(set(body), {"token", "expiresIn", "refreshToken", "refreshExpiresIn"})
         self.assertEqual(body["expiresIn"], 3600)
         claims = decode_token(body["token"], SECRET)
-        self.assertEqual(set(claims), {"id", "username", "iat", "exp"})
+        self.assertEqual(set(claims), {"id", "username", "iat", "exp", "sid"})
         self.assertEqual((claims["id"], claims["username"]), (81623, "test"))
         self.assertEqual(claims["exp"] - claims["iat"], 3600)
         self.assertEqual(response.getheader("Content-Type"), "application/json; charset=utf-8")
@@ -679,7 +676,7 @@ class TestBruteForce(unittest.TestCase):
         client.close()
 
     def test_429_per_address_across_usernames(self):
-        server = start_server(self, loginAttempts=3, loginWindow=60)
+        server = start_server(self, loginAttempts=3, addressLoginAttempts=3, loginWindow=60)
         client = Client(server)
         for name in ("a", "b", "c"):
             client.request("POST", "/users/authenticate", login_body(name, "x"))
@@ -714,14 +711,14 @@ class TestBruteForce(unittest.TestCase):
         self.assertLessEqual(most[0], 2)
 
     def test_window_slides_and_memory_is_bounded(self):
-        limiter = authserver.LoginLimiter(attempts=2, window=60, max_keys=100)
-        limiter.record_failure([("user", "a")], 1000)
-        limiter.record_failure([("user", "a")], 1010)
-        self.assertEqual(limiter.retry_after([("user", "a")], 1020), 41)
-        self.assertEqual(limiter.retry_after([("user", "a")], 1061), 0)
+        limiter = authserver.LoginLimiter({"user": 2}, window=60, max_keys=100)
+        self.assertEqual(limiter.reserve([("user", "a")], 1000), 0)
+        self.assertEqual(limiter.reserve([("user", "a")], 1010), 0)
+        self.assertEqual(limiter.reserve([("user", "a")], 1020), 41)
+        self.assertEqual(limiter.reserve([("user", "a")], 1061), 0)
         for n in range(10000):
-            limiter.record_failure([("user", str(n))], 2000)
-        self.assertEqual(len(limiter.failures), 100)
+            limiter.reserve([("user", str(n))], 2000)
+        self.assertEqual(len(limiter.started), 100)
 
 
 # ---------------------------------------------------------------------------
@@ -771,15 +768,21 @@ HOSTILE = [
 ]
 
 
-class TestHostileHTTP(unittest.TestCase):
+class SharedServerCase(unittest.TestCase):
+    """One server for all the tests of a class, with the settings in server_config."""
+
+    server_config = {}
 
     @classmethod
     def setUpClass(cls):
-        cls.server = start_server(cls)
+        cls.server = start_server(cls, **cls.server_config)
 
     @classmethod
     def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
         cls.addClassCleanup(function, *args, **kwargs)
+
+
+class TestHostileHTTP(SharedServerCase):
 
     def test_each_hostile_request_gets_its_status_in_json(self):
         for description, request, expected in HOSTILE:
@@ -1020,32 +1023,65 @@ HExNnE4XTKGPLKUwJ7RHJQ0JHGjvfr9Th1Q4ZFG13QrnUCP+o9YHSGp3
 # The command line, as a subprocess
 # ---------------------------------------------------------------------------
 
-def run_cli(*args, stdin="", timeout=60):
+def run_cli(*args, stdin="", timeout=30):
     return subprocess.run([sys.executable, str(HERE / "authserver.py"), *map(str, args)],
                           input=stdin, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "NO_COLOR": "1"})
 
 
 class ServerProcess:
-    """python authserver.py ... as a subprocess; the port read from its banner."""
+    """python authserver.py ... as a subprocess; the port read from its banner.
+
+    Its output is read by two threads into queues, so that every read here has a timeout
+    (a pipe has none): a server that hangs fails the test instead of hanging the suite.
+    """
 
     def __init__(self, test, *args):
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "authserver.py"), "--port", "0", *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         test.addCleanup(self.close)
-        self.banner = [self.process.stdout.readline()]
+        self.lines = {"stdout": queue.Queue(), "stderr": queue.Queue()}
+        self.pumps = [threading.Thread(target=self.pump, args=(stream, self.lines[name]),
+                                       daemon=True)
+                      for name, stream in (("stdout", self.process.stdout),
+                                           ("stderr", self.process.stderr))]
+        for pump in self.pumps:
+            pump.start()
+        self.banner = [self.readline()]
         while not self.banner[-1].startswith("Ctrl-C"):
-            line = self.process.stdout.readline()
+            line = self.readline()
             if not line:
-                raise AssertionError(f"server did not start: {self.process.stderr.read()}")
+                raise AssertionError(f"server did not start: {self.read_rest('stderr')}")
             self.banner.append(line)
         self.port = int(self.banner[1].strip().split()[0].rsplit(":", 1)[1])
+
+    @staticmethod
+    def pump(stream, lines):
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+        lines.put("")                                   # end of output
+
+    def readline(self, stream="stdout", timeout=20):
+        """The next line the server wrote on stream; "" at its end; fails after timeout."""
+        try:
+            return self.lines[stream].get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line on the server's {stream} in {timeout} s") from None
+
+    def read_rest(self, stream, timeout=20):
+        """Everything left on stream up to its end (the process must be ending)."""
+        lines = []
+        while not lines or lines[-1]:
+            lines.append(self.readline(stream, timeout))
+        return "".join(lines)
 
     def close(self):
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait()
+        self.process.wait(timeout=20)
+        for pump in self.pumps:
+            pump.join(timeout=20)
         self.process.stdout.close()
         self.process.stderr.close()
 
@@ -1195,6 +1231,10 @@ class TestCommandLine(unittest.TestCase):
             os.close(follower)
             output = b""
             while True:
+                # A pty has no timeout of its own: wait for output at most 30 s.
+                if not select.select([leader], [], [], 30)[0]:
+                    process.kill()
+                    self.fail(f"explain wrote nothing for 30 s: {output!r}")
                 try:
                     chunk = os.read(leader, 65536)
                 except OSError:                     # the terminal closed: the program ended
@@ -1221,7 +1261,7 @@ class TestCommandLine(unittest.TestCase):
         server = ServerProcess(self, "--config", files.config, "--users", files.users)
         authserver.save_users(files.users, TEST_USERS[:1])
         server.process.send_signal(signal.SIGHUP)
-        self.assertIn("users file reloaded: 1 users", server.process.stderr.readline())
+        self.assertIn("users file reloaded: 1 users", server.readline("stderr"))
         status, _, body = raw_exchange(server.port, post(json.dumps(login_body("ncuser", "ncpassword"))))
         self.assertEqual(status, 400)
 
@@ -1230,8 +1270,8 @@ class TestCommandLine(unittest.TestCase):
         server = ServerProcess(self, "--config", files.config, "--users", files.users)
         server.process.send_signal(signal.SIGINT)
         self.assertEqual(server.process.wait(timeout=10), 0)
-        self.assertEqual(server.process.stdout.read(), "authserver stopped.\n")
-        self.assertNotIn("Traceback", server.process.stderr.read())
+        self.assertEqual(server.read_rest("stdout"), "authserver stopped.\n")
+        self.assertNotIn("Traceback", server.read_rest("stderr"))
 
     def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(self):
         files = Files(self)
@@ -1242,7 +1282,7 @@ class TestCommandLine(unittest.TestCase):
                          b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
             self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")   # in flight now
             server.process.send_signal(signal.SIGTERM)
-            line = server.process.stderr.readline()
+            line = server.readline("stderr")
             self.assertIn("stopping: waiting for 1 request(s) in flight", line)
             with self.assertRaises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
@@ -1251,7 +1291,1775 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual((status, headers["connection"]), (200, "close"))
         self.assertIn("token", json.loads(answer))
         self.assertEqual(server.process.wait(timeout=10), 0)
-        self.assertIn("authserver stopped.", server.process.stdout.read())
+        self.assertIn("authserver stopped.", server.read_rest("stdout"))
+
+
+# authserver run as if on Windows: no fcntl, and an msvcrt whose byte-range lock is made of
+# POSIX record locks, so that the fallback path is exercised by real processes.
+AS_IF_ON_WINDOWS = """
+import fcntl, sys, types
+msvcrt = types.ModuleType("msvcrt")
+msvcrt.LK_UNLCK, msvcrt.LK_LOCK = 0, 1
+def locking(fd, mode, nbytes):
+    fcntl.lockf(fd, fcntl.LOCK_EX if mode == msvcrt.LK_LOCK else fcntl.LOCK_UN, nbytes, 0)
+msvcrt.locking = locking
+sys.modules["msvcrt"], sys.modules["fcntl"] = msvcrt, None
+sys.path.insert(0, sys.argv.pop(1))
+import authserver
+assert authserver.fcntl is None
+sys.exit(authserver.main(sys.argv[1:]))
+"""
+
+
+class TestUsersFileWriters(unittest.TestCase):
+    """adduser, passwd (and sign-up) at the same time lose nothing and leave nothing behind."""
+
+    def run_at_once(self, commands, prefix=()):
+        """Start every command as a process, then give them all their password at once."""
+        processes = []
+        for args, password in commands:
+            process = subprocess.Popen([sys.executable, *prefix, *map(str, args)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+            self.addCleanup(process.kill)
+            processes.append((process, password))
+        results = [process.communicate(password + "\n", timeout=60) for process, password in processes]
+        for (process, _), (out, err) in zip(processes, results):
+            self.assertEqual(process.returncode, 0, err)
+        return results
+
+    def adduser_commands(self, files, count, prefix_args=()):
+        common = ("--config", files.config, "--users", files.users)
+        return [((*prefix_args, "adduser", f"user{number}", *common), f"password{number}")
+                for number in range(count)]
+
+    def assert_all_added(self, files, count):
+        users = json.loads(files.users.read_text())
+        names = sorted(user["username"] for user in users)
+        self.assertEqual(names, sorted(["test", "ncuser", "café"] + [f"user{n}" for n in range(count)]))
+        self.assertEqual(len({user["id"] for user in users}), len(users))
+        authserver.UserStore(files.users)                    # and the server still loads it
+
+    @unittest.skipIf(sys.platform == "win32", "uses fcntl")
+    def test_a_dozen_adduser_processes_at_once_all_land(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        self.run_at_once(self.adduser_commands(files, 12), prefix=(str(HERE / "authserver.py"),))
+        self.assert_all_added(files, 12)
+        self.assertEqual(sorted(p.name for p in files.folder.iterdir()),
+                         ["config.json", "users.json", "users.json.lock"])
+
+    @unittest.skipIf(sys.platform == "win32", "simulates Windows with fcntl")
+    def test_the_windows_lock_path_keeps_every_user_too(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        self.run_at_once(self.adduser_commands(files, 6, prefix_args=(HERE,)),
+                         prefix=("-c", AS_IF_ON_WINDOWS))
+        self.assert_all_added(files, 6)
+
+    def test_passwd_beside_adduser_keeps_both(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        common = ("--config", files.config, "--users", files.users)
+        script = str(HERE / "authserver.py")
+        self.run_at_once([((script, "adduser", "alice", *common), "wonderland"),
+                          ((script, "passwd", "test", *common), "new-test-password")])
+        users = {user["username"]: user for user in json.loads(files.users.read_text())}
+        self.assertTrue(verify_password("wonderland", users["alice"]["passwordHash"]))
+        self.assertTrue(verify_password("new-test-password", users["test"]["passwordHash"]))
+
+    @unittest.skipIf(sys.platform == "win32", "probes with fcntl")
+    def test_the_lock_is_held_from_the_read_to_the_rename(self):
+        files = Files(self)
+        probe = ("import fcntl, sys\n"
+                 "with open(sys.argv[1], 'a+b') as lock:\n"
+                 "    try:\n"
+                 "        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                 "    except BlockingIOError:\n"
+                 "        print('held')\n"
+                 "    else:\n"
+                 "        print('free')\n")
+        lock_path = str(files.users) + ".lock"
+        seen = []
+
+        def another_process_sees(when):
+            result = subprocess.run([sys.executable, "-c", probe, lock_path], capture_output=True,
+                                    text=True, timeout=30)
+            seen.append((when, result.stdout.strip()))
+
+        reading, saving = authserver.read_users_list, authserver.save_users
+        with mock.patch.object(authserver, "read_users_list",
+                               lambda path: another_process_sees("read") or reading(path)), \
+                mock.patch.object(authserver, "save_users",
+                                  lambda *args: another_process_sees("rename") or saving(*args)):
+            authserver.update_users_file(files.users,
+                                         lambda users: another_process_sees("change"))
+        another_process_sees("after")
+        self.assertEqual(seen, [("read", "held"), ("change", "held"), ("rename", "held"),
+                                ("after", "free")])
+
+    def test_msvcrt_lock_is_retried_until_it_is_had(self):
+        calls = []
+
+        def locking(fd, mode, nbytes):
+            calls.append(mode)
+            if len(calls) < 3:          # LK_LOCK's own ten tries ran out, twice
+                raise OSError(getattr(authserver.errno, "EDEADLOCK", authserver.errno.EDEADLK),
+                              "Resource deadlock avoided")
+
+        fake = mock.Mock(LK_LOCK=1, LK_UNLCK=0, locking=locking)
+        files = Files(self)
+        with mock.patch.object(authserver, "fcntl", None), \
+                mock.patch.object(authserver, "msvcrt", fake, create=True):
+            with authserver.file_lock(files.users):
+                self.assertEqual(calls, [1, 1, 1])
+        self.assertEqual(calls, [1, 1, 1, 0])
+
+    def test_msvcrt_errors_other_than_timeout_are_raised(self):
+        fake = mock.Mock(LK_LOCK=1, LK_UNLCK=0,
+                         locking=mock.Mock(side_effect=OSError(authserver.errno.EBADF, "bad")))
+        files = Files(self)
+        with mock.patch.object(authserver, "fcntl", None), \
+                mock.patch.object(authserver, "msvcrt", fake, create=True):
+            with self.assertRaises(OSError):
+                with authserver.file_lock(files.users):
+                    pass
+
+    @unittest.skipUnless(hasattr(signal, "SIGKILL"), "needs kill -9")
+    def test_a_writer_killed_before_its_rename_leaves_no_copy_for_long(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        killed_at_rename = ("import os, signal, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                            "import authserver; "
+                            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+                            "authserver.main(sys.argv[1:])")
+        common = ("--config", str(files.config), "--users", str(files.users))
+        killed = subprocess.run([sys.executable, "-c", killed_at_rename, str(HERE), "adduser",
+                                 "ghost", *common], input="boo\n", text=True,
+                                capture_output=True, timeout=60)
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        leftovers = list(files.folder.glob(".users.json.*"))
+        self.assertEqual(len(leftovers), 1)                     # the copy of the hashes
+        self.assertIn(b"passwordHash", leftovers[0].read_bytes())
+        # The next start of the server removes it (and so does the next write).
+        authserver.make_server(files.config, files.users, "127.0.0.1", 0,
+                               log_stream=io.StringIO()).server_close()
+        self.assertEqual(list(files.folder.glob(".users.json.*")), [])
+        leftovers[0].write_text("[]")
+        self.assertEqual(run_cli("adduser", "alice", *common, stdin="x\n").returncode, 0)
+        self.assertEqual(list(files.folder.glob(".users.json.*")), [])
+        self.assertNotIn("ghost", files.users.read_text())
+
+    def test_two_servers_started_together_share_one_secret(self):
+        files = Files(self, secret="")
+        barrier = threading.Barrier(8)
+        config = authserver.load_config(files.config)
+        keys = []
+
+        def start():
+            barrier.wait(timeout=10)
+            keys.append(authserver.load_secret(config))
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        self.assertEqual(len(keys), 8)
+        self.assertEqual(len(set(keys)), 1)
+        self.assertEqual((files.folder / "authserver.secret").read_bytes().strip(), keys[0])
+# ---------------------------------------------------------------------------
+# The command line's rough edges: explain, prompts, usernames, old Pythons
+# ---------------------------------------------------------------------------
+
+def explain_cli(files, *args, stdin=""):
+    """authserver.main(["explain", ...]) in this process (faster than run_cli), stdin piped."""
+    argv = ["explain", *args, "--config", str(files.config), "--users", str(files.users)]
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("sys.stdout", out), \
+            mock.patch("sys.stderr", err):
+        code = authserver.main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+class TestCliExplain(unittest.TestCase):
+
+    def setUp(self):
+        self.files = Files(self)
+
+    def test_a_failed_signature_still_shows_the_payload_marked_not_trusted(self):
+        now = time.time()
+        head, _, signature = token_for().split(".")
+        forged = {"id": 26858, "username": "ncuser", "iat": int(now), "exp": int(now) + 600}
+        tampered = f"{head}.{b64url_encode(json.dumps(forged).encode())}.{signature}"
+        unsigned = ".".join(token_for().split(".")[:2]) + "."
+        for token, error in ((tampered, "invalid signature"),
+                             (unsigned, "jwt signature is required")):
+            with self.subTest(error):
+                result = explain_cli(self.files, token)
+                self.assertEqual((result.returncode, result.stderr), (1, ""))
+                out = result.stdout
+                order = [out.index(f"FAIL JsonWebTokenError: {error}"),
+                         out.index("Readable, but not trusted:"),
+                         out.index('"username":'), out.index("exp "),
+                         out.index("Verdict: rejected")]
+                self.assertEqual(order, sorted(order), out)
+                if token is tampered:
+                    self.assertIn(f'{{"id":26858,"username":"ncuser","iat":{int(now)},'
+                                  f'"exp":{int(now) + 600}}}', out)
+                    self.assertIn(f"exp {int(now) + 600} = 20", out)
+                    self.assertIn("(in 0h 9m", out)
+
+    def test_payload_shown_untrusted_is_made_harmless_and_a_good_signature_shows_no_warning(self):
+        hostile = forge(GOOD_HEADER, {"username": "\x9b2J\u202eevil", "exp": 2 ** 40},
+                        signature=SIGNATURE)
+        out = explain_cli(self.files, hostile).stdout
+        self.assertIn("Readable, but not trusted:", out)
+        self.assertIn('"username":"\\x9b2J\\u202eevil"', out)
+        self.assertNotIn("\x9b", out)
+        self.assertNotIn("\u202e", out)
+        not_json = f"{HEAD}.{b64url_encode(b'not json')}.{SIGNATURE}"
+        self.assertIn("not trusted: (the payload is not even base64url JSON: nothing to read)",
+                      explain_cli(self.files, not_json).stdout)
+        for token in (token_for(), token_for(now=time.time() - 7200)):    # valid; expired
+            self.assertNotIn("not trusted", explain_cli(self.files, token).stdout)
+
+    def test_a_pasted_header_gets_a_note_and_the_token_is_explained(self):
+        token = token_for()
+        for pasted, after in ((f"Bearer {token}", "Bearer "),
+                              (f"Authorization: Bearer {token}", "Bearer "),
+                              (f"authorization:bearer   {token}\n", "Bearer "),
+                              (f"x-access-token: {token}", "x-access-token: "),
+                              (f"X-Access-Token:{token}", "x-access-token: ")):
+            with self.subTest(pasted):
+                result = explain_cli(self.files, pasted)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                self.assertTrue(result.stdout.startswith(
+                    "Note: this looks like a whole header; the token is the part after "
+                    f"'{after}'.\n"), result.stdout)
+                self.assertIn("Verdict: valid", result.stdout)
+        piped = explain_cli(self.files, stdin=f"Authorization: Bearer {token}\n")
+        self.assertEqual(piped.returncode, 0)
+        self.assertIn("the part after 'Bearer '", piped.stdout)
+        self.assertNotIn("Note:", explain_cli(self.files, token).stdout)
+        # The server itself keeps refusing such a token.
+        server = start_server(self, self.files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        for headers in ({"Authorization": f"Bearer Bearer {token}"},
+                        {"x-access-token": f"x-access-token: {token}"}):
+            status, _, body = client.request("GET", "/users/getInfo", headers=headers)
+            self.assertEqual((status, body["message"]), (401, "jwt malformed"))
+
+    def test_stdin_piped_or_dash_and_nothing_piped(self):
+        token = token_for()
+        for args in ((), ("-",)):
+            result = run_cli("explain", *args, "--config", self.files.config,
+                             "--users", self.files.users, stdin=token + "\n")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("Verdict: valid", result.stdout)
+        for stdin in ("", " \n"):
+            result = explain_cli(self.files, stdin=stdin)
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (2, "", "authserver: no token on stdin\n"))
+
+    def test_a_closed_pipe_is_no_traceback(self):
+        read_end, write_end = os.pipe()
+        os.close(read_end)                     # like `explain TOKEN | head -1`, head gone
+        try:
+            result = subprocess.run(
+                [sys.executable, str(HERE / "authserver.py"), "explain", token_for(),
+                 "--config", str(self.files.config), "--users", str(self.files.users)],
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
+
+
+class TestCliInterrupts(unittest.TestCase):
+    """Ctrl-C and Ctrl-D at a prompt: one line and a non-zero exit, never a traceback."""
+
+    def test_keyboard_interrupt_in_a_command_is_one_line_and_130(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        before = files.users.read_bytes()
+        for command in ("passwd", "adduser"):
+            stderr = io.StringIO()
+            with self.subTest(command), mock.patch("sys.stderr", stderr), \
+                    mock.patch.object(authserver, "read_new_password",
+                                      side_effect=KeyboardInterrupt):
+                try:
+                    code = authserver.main([command, "someone" if command == "adduser" else "test",
+                                            "--config", str(files.config),
+                                            "--users", str(files.users)])
+                except KeyboardInterrupt:
+                    self.fail("the KeyboardInterrupt escaped main()")
+            self.assertEqual((code, stderr.getvalue()), (130, "authserver: interrupted\n"))
+        self.assertEqual(files.users.read_bytes(), before)
+
+    def test_end_of_piped_input_at_the_password_prompt(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for command, name in (("passwd", "test"), ("adduser", "newcomer")):
+            result = run_cli(command, name, "--config", files.config, "--users", files.users,
+                             stdin="")
+            self.assertEqual((result.returncode, result.stderr),
+                             (2, "authserver: no password given (end of input)\n"))
+        self.assertEqual(json.loads(files.users.read_text()), TEST_USERS)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a POSIX terminal")
+class TestCliTerminal(unittest.TestCase):
+    """The command line on a real (pseudo) terminal, as a person at a keyboard meets it."""
+
+    def spawn(self, *args):
+        """authserver.py with stdin, stdout and stderr on a new terminal; (process, leader)."""
+        self.files = Files(self, passwordIterations=FAST_ITERATIONS)
+        leader, follower = os.openpty()
+        # A new session has no controlling terminal, so getpass uses this one (stdin) and
+        # never the terminal the tests run in.
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "authserver.py"), *args,
+             "--config", str(self.files.config), "--users", str(self.files.users)],
+            stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
+            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"})     # a new pty is 0 wide
+        os.close(follower)
+
+        def close():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            os.close(leader)
+        self.addCleanup(close)
+        return process, leader
+
+    def read_until(self, leader, text=None, timeout=30):
+        """What the program wrote, up to text (or up to its end), within timeout seconds."""
+        output, deadline = b"", time.monotonic() + timeout
+        while text is None or text not in output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fail(f"waited {timeout}s for {text or 'the end'!r}; got {output!r}")
+            if not select.select([leader], [], [], remaining)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:                     # EIO: every writer is gone
+                chunk = b""
+            if not chunk:
+                if text is None:
+                    return output
+                self.fail(f"ended before {text!r}: {output!r}")
+            output += chunk
+        return output
+
+    def test_ctrl_c_at_the_getpass_prompt(self):
+        process, leader = self.spawn("passwd", "test")
+        before = self.files.users.read_bytes()
+        prompt = self.read_until(leader, b"New password: ")
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(prompt + self.read_until(leader),
+                         b"New password: \r\nauthserver: interrupted\r\n")
+        self.assertEqual(process.wait(timeout=30), 130)
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_ctrl_d_at_the_getpass_prompt(self):
+        process, leader = self.spawn("adduser", "newcomer")
+        before = self.files.users.read_bytes()
+        prompt = self.read_until(leader, b"New password: ")
+        os.write(leader, b"\x04")                # Ctrl-D at the start of a line: end of input
+        self.assertEqual(prompt + self.read_until(leader),
+                         b"New password: \r\nauthserver: no password given (end of input)\r\n")
+        self.assertEqual(process.wait(timeout=30), 2)
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_explain_without_a_token_on_a_terminal_prints_usage(self):
+        process, leader = self.spawn("explain")
+        output = self.read_until(leader).decode()
+        self.assertEqual(process.wait(timeout=30), 2)
+        self.assertTrue(output.startswith("usage: authserver.py explain "), output)
+        self.assertTrue(output.endswith(
+            "authserver: give the token as an argument, or pipe it in: "
+            "... | python authserver.py explain\r\n"), output)
+
+    def test_explain_dash_on_a_terminal_asks_for_the_token(self):
+        process, leader = self.spawn("explain", "-")
+        self.read_until(leader, b"Paste the token, then Enter:")
+        os.write(leader, token_for().encode() + b"\n")
+        self.assertIn(b"Verdict: valid", self.read_until(leader))
+        self.assertEqual(process.wait(timeout=30), 0)
+        for key, code, line in ((b"\x03", 130, b"authserver: interrupted"),
+                                (b"\x04", 2, b"authserver: no token on stdin")):
+            process, leader = self.spawn("explain", "-")
+            self.read_until(leader, b"Paste the token, then Enter:")
+            if key == b"\x03":
+                process.send_signal(signal.SIGINT)
+            else:
+                os.write(leader, key)
+            self.assertTrue(self.read_until(leader).rstrip().endswith(line))
+            self.assertEqual(process.wait(timeout=30), code)
+
+
+class TestCliUsernames(unittest.TestCase):
+    """One rule for usernames, the same when adduser writes users.json and when it is loaded."""
+
+    ALLOWED = ["test", "ncuser", "café", "山田", "o'brien", "user@example.org", "x" * 64]
+    REFUSED = ["", " ", "a b", " lead", "trail ", "a\tb", "a\nb", "a\x00b", "a\x7f", "a\x85b",
+               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65]
+
+    def test_the_rule(self):
+        for name in self.ALLOWED:
+            with self.subTest(name=name):
+                authserver.check_username(name, "here")
+        for name in self.REFUSED + [None, 5, ["a"]]:
+            with self.subTest(name=name), self.assertRaises(authserver.ConfigError) as caught:
+                authserver.check_username(name, "here")
+            self.assertTrue(str(caught.exception).startswith("here: "))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_adduser_and_the_server_agree(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for name in self.ALLOWED[3:] + self.REFUSED:           # the first three are there
+            with self.subTest(name=name):
+                before = files.users.read_bytes()
+                stderr = io.StringIO()
+                with mock.patch("sys.stdin", io.StringIO("pw\n")), \
+                        mock.patch("sys.stdout", io.StringIO()), mock.patch("sys.stderr", stderr):
+                    code = authserver.main(["adduser", name, "--config", str(files.config),
+                                            "--users", str(files.users)])
+                if name in self.REFUSED:
+                    self.assertEqual(code, 2)
+                    self.assertTrue(stderr.getvalue().startswith("authserver: adduser: "))
+                    self.assertEqual(files.users.read_bytes(), before)
+                    # ... and the server refuses a file holding that name, by the same rule.
+                    broken = Files(self, users=TEST_USERS + [make_user(7, name, "pw")])
+                    with self.assertRaises(authserver.ConfigError) as caught:
+                        authserver.UserStore(broken.users)
+                    self.assertEqual(str(caught.exception).partition(": ")[2],
+                                     stderr.getvalue().strip().partition(": adduser: ")[2])
+                else:
+                    self.assertEqual(code, 0, stderr.getvalue())
+                    store = authserver.UserStore(files.users)       # the server loads it
+                    self.assertIsNotNone(store.find_by_name(name)[0])
+
+    def test_adduser_empty_name_on_the_command_line(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        before = files.users.read_bytes()
+        result = run_cli("adduser", "", "--config", files.config, "--users", files.users,
+                         stdin="pw\n")
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "authserver: adduser: a username must be non-empty text, not ''\n"))
+        self.assertEqual(files.users.read_bytes(), before)
+
+
+class TestCliOldPython(unittest.TestCase):
+    """Older Pythons say what they need in one line, wherever they get far enough to run."""
+
+    MESSAGE = "authserver needs Python 3.9+ (this is {})"
+
+    def test_the_check_runs_before_anything_else(self):
+        with mock.patch.object(sys, "version_info", (3, 8, 18, "final", 0)), \
+                self.assertRaises(SystemExit) as caught:
+            runpy.run_path(str(HERE / "authserver.py"), run_name="on_python_3_8")
+        self.assertEqual(caught.exception.code, self.MESSAGE.format("3.8"))
+
+    def test_real_older_interpreters(self):
+        # 3.6 to 3.8 parse the whole file; 3.5 and 2.7 stop at its first f-string.
+        found = {}
+        for version in ("3.6", "3.7", "3.8"):
+            candidates = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+            which = shutil.which(f"python{version}")
+            if which and "shims" not in Path(which).parts:      # a pyenv shim may not run
+                candidates.append(Path(which))
+            if candidates:
+                found[version] = candidates[0]
+        if "3.8" not in found:
+            self.skipTest("no Python 3.8 here")
+        for version, python in found.items():
+            with self.subTest(python=str(python)):
+                result = subprocess.run([str(python), str(HERE / "authserver.py"), "--help"],
+                                        capture_output=True, text=True, timeout=60)
+                self.assertEqual((result.returncode, result.stdout, result.stderr),
+                                 (1, "", self.MESSAGE.format(version) + "\n"))
+
+# ---------------------------------------------------------------------------
+# The page: its HTML as served, and the page itself in a real (headless) browser
+# ---------------------------------------------------------------------------
+
+class PageReader(HTMLParser):
+    """The text a reader sees: in all, per element id, and the <mark>ed parts per id."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+            "track", "wbr"}
+
+    def __init__(self, html):
+        super().__init__()
+        self.open, self.text, self.by_id, self.marks = [], [], {}, {}
+        self.hidden_depth = 0
+        self.feed(html)
+        self.close()
+        self.visible = "".join(self.text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            return
+        attrs = dict(attrs)
+        unseen = tag in ("script", "style") or "hidden" in attrs
+        self.open.append((tag, attrs.get("id"), unseen))
+        self.hidden_depth += unseen
+        if attrs.get("id"):
+            self.by_id.setdefault(attrs["id"], "")
+
+    def handle_endtag(self, tag):
+        while self.open:
+            open_tag, _, unseen = self.open.pop()
+            self.hidden_depth -= unseen
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data):
+        ids = [element_id for _, element_id, _ in self.open if element_id]
+        for element_id in ids:
+            self.by_id[element_id] += data
+        if any(tag == "mark" for tag, _, _ in self.open) and ids:
+            self.marks.setdefault(ids[-1], []).append(data)
+        if not self.hidden_depth:
+            self.text.append(data)
+
+
+def page_scripts(html):
+    return "".join(re.findall(r"<script>(.*?)</script>", html, re.S))
+
+
+class TestPageServed(unittest.TestCase):
+    """test.html as the server sends it: ids, policy, and what the page does, read in its HTML."""
+
+    @classmethod
+    def setUpClass(cls):
+        server = start_server(cls)
+        client = Client(server)
+        cls.status, cls.response, body = client.request("GET", "/")
+        client.close()
+        cls.html = body.decode("utf-8")
+        cls.page = PageReader(cls.html)
+        cls.script = page_scripts(cls.html)
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def test_the_tutorials_ids_and_the_labs_are_there(self):
+        self.assertEqual(self.status, 200)
+        for element_id in ("id_username", "id_password", "btn", "infoBtn", "output",
+                           "refreshBtn", "logoutBtn", "result", "tokenBox", "tokenView",
+                           "verifyBtn", "tamperBtn", "decodedHeader", "decodedPayload", "times"):
+            self.assertEqual(len(re.findall(rf"""id=['"]{element_id}['"]""", self.html)), 1,
+                             element_id)
+
+    def test_it_loads_nothing_from_elsewhere_and_the_policy_says_so(self):
+        self.assertEqual(self.response.getheader("Content-Security-Policy"), authserver.PAGE_POLICY)
+        self.assertIn("default-src 'none'", authserver.PAGE_POLICY)
+        self.assertIn("connect-src 'self'", authserver.PAGE_POLICY)
+        self.assertNotRegex(self.html, r"<script[^>]*\ssrc|<link[^>]*stylesheet|@import|url\(")
+        for link in re.findall(r"""(?:src|href|action)\s*=\s*['"]([^'"]*)""", self.html):
+            self.assertRegex(link, r"^(#|data:)", "everything inline or data:")
+
+    def test_the_served_page_does_not_mention_api_links(self):
+        self.assertNotIn("?api=", self.page.visible)
+        self.assertEqual(self.page.by_id["diskHint"], "")
+        # The hint is written by the script only for a copy opened from disk.
+        self.assertRegex(self.script,
+                         r"if \(location\.protocol === 'file:'\) \{\s*"
+                         r"show\('diskHint', '[^']*\?api=")
+
+    def test_enter_in_the_password_field_logs_in(self):
+        form = re.search(r'<form id="loginForm">(.*?)</form>', self.html, re.S).group(1)
+        self.assertIn('id="id_password"', form)
+        self.assertIn('enterkeyhint="go"', form)
+        self.assertIn("""<button id='btn' type="submit">""", form)   # Enter submits the form
+        for other in ("infoBtn", "refreshBtn", "logoutBtn"):
+            self.assertRegex(form, rf"""id=['"]{other}['"] type="button">""")
+        self.assertIn("$('loginForm').addEventListener('submit', authReq)", self.script)
+        self.assertRegex(self.script, r"async function authReq\(event\) \{\s*"
+                                      r"if \(event\) event\.preventDefault\(\)")
+
+    def test_nothing_is_shown_empty_before_the_first_request(self):
+        self.assertRegex(self.html, r'<section id="exchange" hidden>')
+        self.assertRegex(self.html, r'<div id="decoded" [^>]*hidden>')
+        self.assertIn("[hidden] { display: none !important; }", self.html)   # over .grid's display
+
+    def test_the_refresh_token_lives_in_a_variable_only(self):
+        for store in ("localStorage", "sessionStorage", "document.cookie", "indexedDB"):
+            self.assertNotIn(store, self.script)
+        self.assertIn("let refreshToken = null", self.script)
+
+    def test_a_password_note_says_base64_is_not_encryption(self):
+        self.assertIn("base64: an encoding, not encryption", self.page.by_id["encodingNote"])
+        self.assertEqual(base64.b64decode("dGVzdA==").decode(), "test")   # the note's example
+
+
+def find_browser():
+    """A Chromium-family browser on PATH, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+BROWSER = find_browser()
+
+
+class Browser:
+    """Headless Chromium driven through --remote-debugging-pipe: the DevTools protocol as
+    NUL-terminated JSON on the browser's file descriptors 3 (in) and 4 (out); stdlib only."""
+
+    def __init__(self, test):
+        profile = tempfile.mkdtemp()
+        test.addCleanup(shutil.rmtree, profile, True)
+        browser_in, self.commands = os.pipe()
+        self.replies, browser_out = os.pipe()
+        self.process = subprocess.Popen(
+            # bash, not sh: dash reads only one-digit descriptors, and with a server's
+            # sessions file open the pipes get numbers above 9.
+            ["bash", "-c", f'exec "$@" 3<&{browser_in} 4>&{browser_out}', "bash", BROWSER,
+             "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+             "--disable-extensions", "--disable-background-networking", "--remote-debugging-pipe",
+             "--user-data-dir=" + profile, "about:blank"],
+            pass_fds=(browser_in, browser_out),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(browser_in)
+        os.close(browser_out)
+        test.addCleanup(self.close)
+        self.buffer, self.last_id = b"", 0
+
+    def call(self, method, session=None, timeout=30, **params):
+        """Send one command, return its result (events on the way are skipped)."""
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, _, self.buffer = self.buffer.partition(b"\0")
+                reply = json.loads(raw)
+                if reply.get("id") == self.last_id:
+                    if "error" in reply:
+                        raise AssertionError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.replies], [], [], left)[0]:
+                raise AssertionError(f"the browser did not answer {method} in {timeout} s")
+            chunk = os.read(self.replies, 1 << 20)
+            if not chunk:
+                raise AssertionError("the browser has gone")
+            self.buffer += chunk
+
+    def open(self, url, width=1280, height=900):
+        """A new tab (its own session) showing url, at the given window size."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        tab = Tab(self, session)
+        tab.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                 deviceScaleFactor=1, mobile=width < 640)
+        tab.call("Page.navigate", url=url)
+        return tab
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=3)
+            self.process.wait(timeout=5)
+        except (AssertionError, OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        for fd in (self.commands, self.replies):
+            os.close(fd)
+
+
+class Tab:
+    """One page in the Browser: evaluate JavaScript, wait for a condition, press keys."""
+
+    def __init__(self, browser, session):
+        self.browser, self.session = browser, session
+
+    def call(self, method, **params):
+        return self.browser.call(method, session=self.session, **params)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=20):
+        """Poll expression until it is truthy (the page works asynchronously); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = self.evaluate(expression)
+            except AssertionError:              # the page is still loading
+                value = None
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still false after {timeout} s: {expression}")
+            time.sleep(0.02)
+
+    def result(self):
+        """The line beside the buttons, once a request has finished."""
+        return self.wait_for("(t => t && t !== '…' && t)"
+                             "((document.getElementById('result') || {}).textContent)")
+
+    def click(self, element_id):
+        self.evaluate(f"document.getElementById({element_id!r}).click()")
+
+    def dom(self):
+        return self.evaluate("document.documentElement.outerHTML")
+
+    def press_enter(self):
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                      windowsVirtualKeyCode=13, text="\r" if kind == "keyDown" else "")
+
+
+def local_date(seconds):
+    """The page's local date format, computed by Python in the same time zone."""
+    moment = time.localtime(seconds)
+    offset = moment.tm_gmtoff // 60
+    sign = "-" if offset < 0 else "+"
+    return (time.strftime("%Y-%m-%d %H:%M:%S", moment) +
+            f" UTC{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}")
+
+
+BROWSER_REASON = "no chromium / chrome on PATH (or not a POSIX system, where the pipe works)"
+
+
+@unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
+class TestPageInBrowser(unittest.TestCase):
+    """The page in headless Chromium, driven by links (#token=...&tamper&verify): the DOM."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = start_server(cls)
+        cls.browser = Browser(cls)
+        base = f"http://127.0.0.1:{cls.server.server_address[1]}/"
+        now = int(time.time())
+        cls.valid = token_for(now=now, lifetime=3600)
+        cls.expired = token_for(now=now - 180, lifetime=60)
+        cls.edited = cls.expired.split(".")
+        cls.edited[1] = b64url_encode(b64url_decode(cls.edited[1]).replace(b'"test"', b'"admin"'))
+        cls.edited = ".".join(cls.edited)
+        with socket.socket() as closed:                  # a port where nothing listens
+            closed.bind(("127.0.0.1", 0))
+            closed_port = closed.getsockname()[1]
+        from_disk = (HERE / "test.html").as_uri() + "?api=http://127.0.0.1:"
+        scenarios = {
+            "valid": base + "#token=" + cls.valid + "&verify",
+            "tampered": base + "#token=" + cls.valid + "&tamper&verify",
+            "edited": base + f"#signed={cls.expired}&token={cls.edited}&verify",
+            "header_line": base + "#token=Bearer%20" + cls.valid + "&verify",
+            "disk_no_token": from_disk + f"{cls.server.server_address[1]}#verify",
+            "disk_server_down": from_disk + f"{closed_port}#verify",
+        }
+        # All tabs at once, in one browser: the class costs about one browser start.
+        tabs = {name: cls.browser.open(url) for name, url in scenarios.items()}
+        cls.dom = {}
+        for name, tab in tabs.items():
+            tab.result()
+            cls.dom[name] = tab.dom()
+        cls.read = {name: PageReader(dom) for name, dom in cls.dom.items()}
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def test_a_valid_token_is_decoded_dated_and_accepted(self):
+        page = self.read["valid"]
+        claims = decode_token(self.valid, SECRET)
+        self.assertIn('"username": "test"', page.by_id["decodedPayload"])
+        self.assertIn('"alg": "HS256"', page.by_id["decodedHeader"])
+        self.assertEqual(page.by_id["time-exp"],
+                         f"exp expires {local_date(claims['exp'])} (in 60 min)")
+        self.assertTrue(page.by_id["time-iat"].startswith(
+            f"iat issued {local_date(claims['iat'])} ("))
+        self.assertNotIn("time-nbf", page.by_id)
+        # The parts, coloured, nothing marked: it is the token the server signed.
+        view = re.search(r'<pre id="tokenView"[^>]*>(.*?)</pre>', self.dom["valid"], re.S).group(1)
+        head, body, signature = self.valid.split(".")
+        self.assertEqual(view, f'<span class="header">{head}</span>.<span class="payload">{body}'
+                               f'</span>.<span class="signature">{signature}</span>\n')
+        self.assertEqual(page.visible.count(body), 1, "the token appears once")
+        self.assertEqual(page.by_id["verdict"], "200: the server accepts this token.")
+        self.assertEqual(page.by_id["result"], "200 OK")
+        self.assertIn('"username": "test"', page.by_id["output"])
+        self.assertEqual(page.by_id["diskHint"], "")
+        self.assertNotIn("?api=", page.visible)
+
+    def test_tamper_changes_the_username_and_the_server_says_invalid_signature(self):
+        page = self.read["tampered"]
+        self.assertIn('"username": "admin"', page.by_id["decodedPayload"])
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        head, body, signature = self.valid.split(".")
+        marked = "".join(page.marks["tokenView"])
+        self.assertTrue(marked, "the changed characters are marked")
+        tampered = page.by_id["tokenView"].strip()
+        self.assertEqual(tampered.split(".")[0::2], [head, signature])   # header, signature kept
+        self.assertIn(marked, tampered.split(".")[1])
+        self.assertEqual(json.loads(b64url_decode(tampered.split(".")[1]))["username"], "admin")
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: invalid signature")
+        self.assertTrue(page.by_id["verdict"].startswith("401 invalid signature"))
+        self.assertIn("Authorization: Bearer " + head[:12] + "…", page.by_id["httpRequest"])
+
+    def test_an_edited_expired_token_shows_the_change_its_dates_and_the_servers_verdict(self):
+        page = self.read["edited"]
+        claims = json.loads(b64url_decode(self.expired.split(".")[1]))
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        self.assertEqual(page.by_id["tokenView"].strip(), self.edited)
+        self.assertTrue(page.marks["tokenView"])
+        # The signature is checked before the dates, so the answer is about the edit.
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: invalid signature")
+        self.assertRegex(page.by_id["time-exp"],
+                         rf"^exp expires {re.escape(local_date(claims['exp']))} \(\d min ago\): "
+                         r"the server now answers jwt expired$")
+
+    def test_a_pasted_header_line_gets_a_hint(self):
+        page = self.read["header_line"]
+        self.assertEqual(page.by_id["changes"], 'This is a header line, not a token: keep only '
+                                                'what follows "Bearer" (a token starts with eyJ).')
+        self.assertEqual(page.by_id["result"], "401 Unauthorized: jwt malformed")
+
+    def test_no_token_sends_none_and_the_tutorials_403_shows_from_disk(self):
+        page = self.read["disk_no_token"]
+        self.assertEqual(page.by_id["result"], "403 Forbidden: No token provided.")
+        self.assertEqual(page.by_id["httpRequest"],
+                         f"GET http://127.0.0.1:{self.server.server_address[1]}/users/getInfo\n"
+                         "Accept: application/json")
+        self.assertEqual(json.loads(page.by_id["output"]),
+                         {"error": True, "message": "No token provided."})
+        self.assertIn("?api=http://", page.by_id["diskHint"])        # opened from disk: the hint
+
+    def test_a_request_without_an_answer_says_why_beside_the_buttons(self):
+        page = self.read["disk_server_down"]
+        self.assertRegex(page.by_id["result"], r"^GET /users/getInfo: no answer: the server is down")
+        self.assertIn("Is the server running at http://127.0.0.1:", page.by_id["result"])
+        self.assertEqual(page.by_id["httpStatus"], "no answer")
+        # The result line comes right after the buttons, before anything else.
+        self.assertRegex(self.dom["disk_server_down"],
+                         r'id="logoutBtn"[^<]*</button>\s*</form>\s*<p id="result"')
+
+
+    def login_by_enter(self, tab):
+        tab.wait_for("document.readyState === 'complete'")
+        tab.evaluate("document.getElementById('id_username').value = 'test';"
+                     "document.getElementById('id_password').value = 'test';"
+                     "document.getElementById('id_password').focus()")
+        tab.press_enter()
+        return tab.result()
+
+    def test_enter_in_the_password_field_logs_in(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/")
+        self.assertEqual(self.login_by_enter(tab), "200 OK: logged in as test; the token is below.")
+        page = PageReader(tab.dom())
+        claims = decode_token(page.by_id["tokenView"].strip(), SECRET)
+        self.assertEqual(claims["username"], "test")
+        self.assertIn('"password":"dGVzdA=="', page.by_id["httpRequest"])
+        self.assertIn("not encryption", page.visible)            # the note beside the request
+        self.assertEqual(page.visible.count(page.by_id["tokenView"].strip().split(".")[2]), 1)
+
+    def edit(self, tab, element_id, old, new):
+        """Change text in a textarea as a user would: the value, then an input event."""
+        tab.evaluate(f"(area => {{ area.value = area.value.replace({old!r}, {new!r});"
+                     f" area.dispatchEvent(new Event('input')) }})"
+                     f"(document.getElementById({element_id!r}))")
+
+    def test_editing_the_decoded_payload_or_the_token_and_asking_the_server(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/")
+        self.login_by_enter(tab)
+        signed = PageReader(tab.dom()).by_id["tokenView"].strip()
+        self.edit(tab, "decodedPayload", '"test"', '"admin"')
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: invalid signature")
+        page = PageReader(tab.dom())
+        edited = page.by_id["tokenView"].strip()
+        self.assertEqual(json.loads(b64url_decode(edited.split(".")[1]))["username"], "admin")
+        self.assertEqual(edited.split(".")[2], signed.split(".")[2])
+        self.assertEqual(page.marks["changes"], ['username: "test" → "admin"'])
+        self.assertTrue(page.marks["tokenView"])
+        # Back to "test" by hand in the token box: the signature fits again.
+        self.edit(tab, "tokenBox", edited, signed)
+        self.assertNotIn("changes", PageReader(tab.dom()).marks)
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "200 OK")
+        # One character of the signature changed: only it is marked.
+        last = "A" if signed[-1] != "A" else "B"
+        self.edit(tab, "tokenBox", signed, signed[:-1] + last)
+        tab.click("verifyBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: invalid signature")
+        self.assertEqual(PageReader(tab.dom()).marks["tokenView"], [last])
+        # Forget the tokens: "Get user info" sends none, and the server says 403.
+        tab.click("forgetBtn")
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "403 Forbidden: No token provided.")
+
+    def test_on_a_phone_the_exchange_comes_before_the_token_and_nothing_grey_is_empty(self):
+        tab = self.browser.open(f"http://127.0.0.1:{self.server.server_address[1]}/", 390, 844)
+        tab.wait_for("document.readyState === 'complete'")
+        empty_grey = ("[...document.querySelectorAll('*')].filter(e => e.offsetParent !== null &&"
+                      " !e.textContent.trim() && !/^(INPUT|TEXTAREA|BUTTON)$/.test(e.tagName) &&"
+                      " getComputedStyle(e).backgroundColor === 'rgb(244, 244, 246)').length")
+        self.assertEqual(tab.evaluate(empty_grey), 0)
+        self.assertTrue(tab.evaluate("document.getElementById('exchange').hidden"))
+        self.login_by_enter(tab)
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "200 OK")
+        top = "document.getElementById({!r}).getBoundingClientRect().top"
+        self.assertLess(tab.evaluate(top.format("result")), 400)       # beside the buttons
+        self.assertLess(tab.evaluate(top.format("httpStatus")), 844)    # on the first screen
+        self.assertLess(tab.evaluate(top.format("output")), tab.evaluate(top.format("tokenBox")))
+        self.assertEqual(tab.evaluate("document.documentElement.scrollWidth"), 390)  # no sideways
+        self.assertEqual(tab.evaluate(empty_grey), 0)
+
+    def test_refresh_and_log_out_show_their_exchange_whatever_the_server_answers(self):
+        port = self.server.server_address[1]
+        tab = self.browser.open(f"http://127.0.0.1:{port}/")
+        self.login_by_enter(tab)
+        for button, path in (("refreshBtn", "/users/refresh"), ("logoutBtn", "/users/logout")):
+            tab.click(button)
+            status = tab.result()
+            page = PageReader(tab.dom())
+            self.assertTrue(page.by_id["httpRequest"].startswith(
+                f"POST http://127.0.0.1:{port}{path}\n"), page.by_id["httpRequest"])
+            self.assertIn(page.by_id["httpStatus"].split(" ")[0], status)
+            self.assertNotEqual(page.by_id["httpStatus"], "no answer")
+            self.assertNotIn("Authorization", page.by_id["httpRequest"])   # a refresh token only
+        self.assertIn('"username": "test"', PageReader(tab.dom()).by_id["decodedPayload"])
+
+    def test_refresh_rotates_log_out_revokes_and_get_user_info_is_refused(self):
+        server = self.server
+        tab = self.browser.open(f"http://127.0.0.1:{server.server_address[1]}/")
+        self.login_by_enter(tab)
+        first_refresh = tab.evaluate("refreshToken")
+        tab.click("refreshBtn")
+        self.assertEqual(tab.result(),
+                         "200 OK: a new access token (below) and a new refresh token.")
+        page = PageReader(tab.dom())
+        second = page.by_id["tokenView"].strip()
+        second_refresh = tab.evaluate("refreshToken")
+        self.assertNotEqual(second_refresh, first_refresh)                # rotated
+        self.assertIn(f'"refreshToken": "{second_refresh[:8]}…{second_refresh[-4:]} '
+                      f'(kept in memory only)"', page.by_id["output"])
+        tab.click("logoutBtn")
+        self.assertTrue(tab.result().startswith("204: logged out."))
+        tab.click("infoBtn")
+        self.assertEqual(tab.result(), "401 Unauthorized: session revoked")
+        page = PageReader(tab.dom())
+        self.assertIn("Authorization: Bearer " + second[:12] + "…", page.by_id["httpRequest"])
+        self.assertFalse(tab.evaluate("Object.keys(localStorage).length"))
+
+
+# ---------------------------------------------------------------------------
+# Login limits under concurrency, config numbers, and tests that catch broken code
+# ---------------------------------------------------------------------------
+
+class HeldChecks:
+    """verify_password, wrapped: records every password check started and holds it until
+    release is set, so that no check can finish (and be counted) before all have arrived."""
+
+    def __init__(self):
+        self.started, self.lock, self.release = [], threading.Lock(), threading.Event()
+        self.original = authserver.verify_password
+
+    def __call__(self, password, encoded):
+        with self.lock:
+            self.started.append(password)
+        self.release.wait(30)
+        return self.original(password, encoded)
+
+
+def login_burst(test, server, bodies):
+    """One login per body, each on its own connection, all sent at once (a Barrier), with
+    every password check held until each request is being checked or has been answered.
+    Returns (the passwords whose check started, [(status, headers, body)] in body order)."""
+    held = HeldChecks()
+    server.hashing = threading.BoundedSemaphore(len(bodies))   # count checks, not queueing
+    port, results = server.server_address[1], [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies), timeout=30)
+
+    def send(index, body):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            request = post(json.dumps(body))
+            barrier.wait()
+            sock.sendall(request)
+            results[index] = read_response(sock, 30)
+    with mock.patch.object(authserver, "verify_password", held):
+        threads = [threading.Thread(target=send, args=pair, daemon=True)
+                   for pair in enumerate(bodies)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        try:
+            while len(held.started) + sum(result is not None for result in results) < len(bodies):
+                test.assertLess(time.monotonic(), deadline, "the logins never all arrived")
+                time.sleep(0.01)
+        finally:
+            held.release.set()
+            for thread in threads:
+                thread.join(30)
+    test.assertNotIn(None, results, "a login got no answer")
+    return held.started, results
+
+
+class TestLimitsConcurrentLogins(unittest.TestCase):
+    """No more than the limit of password checks may START in a window, however many
+    requests arrive together."""
+
+    def assert_429(self, result, window):
+        status, headers, body = result
+        wait = int(headers["retry-after"])
+        self.assertTrue(1 <= wait <= window + 1, wait)
+        self.assertEqual((status, json.loads(body)),
+                         (429, {"message": f"Too many failed logins; try again in {wait} seconds"}))
+
+    def test_100_guesses_at_once_start_at_most_login_attempts_checks(self):
+        server = start_server(self, loginAttempts=5, loginWindow=60)
+        bodies = [login_body("test", f"guess-{n}") for n in range(99)]
+        bodies.insert(50, login_body("test", "test"))              # one right password
+        started, results = login_burst(self, server, bodies)
+        # Exactly 5: every request reached the limiter before any check could finish.
+        self.assertEqual(len(started), 5, started)
+        right = started.count("test")                               # 1 if it was among them
+        statuses = [status for status, _, _ in results]
+        self.assertEqual({code: statuses.count(code) for code in set(statuses)},
+                         {code: count for code, count in ((429, 95), (400, 5 - right), (200, right))
+                          if count})
+        for result in results:
+            if result[0] == 429:
+                self.assert_429(result, 60)
+        if right:
+            self.assertEqual(results[50][0], 200)
+
+    def test_an_address_starts_at_most_address_login_attempts_checks(self):
+        server = start_server(self, loginAttempts=5, addressLoginAttempts=4, loginWindow=60)
+        bodies = [login_body(f"user-{n}", "guess") for n in range(20)]   # 20 names, 1 address
+        started, results = login_burst(self, server, bodies)
+        self.assertEqual(len(started), 4, started)
+        statuses = [status for status, _, _ in results]
+        self.assertEqual((statuses.count(400), statuses.count(429)), (4, 16))
+        for result in results:
+            if result[0] == 429:
+                self.assert_429(result, 60)
+
+
+class TestLimitsPerUserAndAddress(unittest.TestCase):
+
+    def statuses(self, server, logins, source=None):
+        """The status of each (username, password) login, in turn, from address source."""
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                                timeout=10, source_address=source)
+        self.addCleanup(connection.close)
+        statuses = []
+        for login in logins:
+            connection.request("POST", "/users/authenticate", json.dumps(login_body(*login)),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        return statuses
+
+    def test_user_and_address_limits_are_separate(self):
+        server = start_server(self, loginAttempts=2, addressLoginAttempts=5)
+        # Two typos lock "test" out, but not the neighbour "ncuser" on the same address ...
+        self.assertEqual(self.statuses(server, [("test", "x"), ("test", "y"), ("test", "test"),
+                                                ("ncuser", "ncpassword")]),
+                         [400, 400, 429, 200])
+        # ... until the address has started 5 checks that were not right (the 429 and the
+        # 200 do not count): then everyone on it waits.
+        self.assertEqual(self.statuses(server, [("a", "x"), ("b", "x"), ("c", "x"),
+                                                ("ncuser", "ncpassword")]),
+                         [400, 400, 400, 429])
+        try:
+            other = self.statuses(server, [("ncuser", "ncpassword"), ("test", "test")],
+                                  source=("127.0.0.2", 0))
+        except OSError as error:                 # 127.0.0.2 is not local on every system
+            self.skipTest(f"no second loopback address: {error}")
+        # Another address is served; the username stays locked wherever it comes from.
+        self.assertEqual(other, [200, 429])
+
+    def test_a_right_password_resets_the_user_and_is_not_held_against_the_address(self):
+        server = start_server(self, loginAttempts=3, addressLoginAttempts=100)
+        right, wrong = ("test", "test"), ("test", "wrong")
+        self.assertEqual(self.statuses(server, [wrong, wrong, right, wrong, wrong, right]),
+                         [400, 400, 200, 400, 400, 200])
+        server = start_server(self, loginAttempts=100, addressLoginAttempts=2)
+        self.assertEqual(self.statuses(server, [right, ("ncuser", "ncpassword")] * 3), [200] * 6)
+
+    def test_limiter_drops_the_least_recently_used_key_when_full(self):
+        limiter = authserver.LoginLimiter({"user": 1}, window=60, max_keys=3)
+        for name in "abcd":
+            self.assertEqual(limiter.reserve([("user", name)], 1000), 0)
+        self.assertEqual(list(limiter.started), [("user", "b"), ("user", "c"), ("user", "d")])
+        self.assertEqual(limiter.reserve([("user", "d")], 1001), 60)    # the newest is kept
+        self.assertEqual(limiter.reserve([("user", "a")], 1001), 0)     # the oldest forgotten
+
+    def test_a_refused_key_counts_nothing_against_the_others(self):
+        limiter = authserver.LoginLimiter({"user": 1, "address": 10}, window=60)
+        keys = [("user", "a"), ("address", "x")]
+        self.assertEqual(limiter.reserve(keys, 1000), 0)
+        self.assertEqual(limiter.reserve(keys, 1001), 60)
+        self.assertEqual(len(limiter.started[("address", "x")]), 1)
+        limiter.release(("address", "x"), 1000)
+        self.assertEqual(len(limiter.started[("address", "x")]), 0)
+
+
+class TestLimitsConfigNumbers(unittest.TestCase):
+
+    def load(self, text):
+        files = Files(self)
+        files.config.write_text(text)
+        return files, authserver.load_config(files.config)
+
+    def assert_refused(self, text, name):
+        files = Files(self)
+        files.config.write_text(text)
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.load_config(files.config)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith(f"config file {files.config}: {name} must be "),
+                        message)
+        self.assertNotIn("\n", message)
+
+    def test_whole_numbers_and_numbers_and_booleans(self):
+        max_iterations = authserver.MAX_ITERATIONS
+        for name, value in (("loginAttempts", 2.5), ("passwordIterations", 1000.0),
+                            ("port", 4000.0), ("maxBodyBytes", True), ("maxBodyBytes", 0),
+                            ("addressLoginAttempts", 0), ("addressLoginAttempts", "50"),
+                            ("addressLoginAttempts", 2.0), ("loginWindow", 1.5),
+                            ("loginAttempts", 10 ** 30), ("passwordIterations", max_iterations + 1),
+                            ("leeway", -1), ("leeway", True), ("requestTimeout", 0),
+                            ("shutdownGrace", "10"), ("shutdownGrace", 10 ** 9),
+                            ("accessLog", "false"), ("accessLog", 0), ("accessLog", None),
+                            ("tokenLifetime", "forever"), ("tokenLifetime", "9" * 5000)):
+            with self.subTest(name=name, value=str(value)[:20]):
+                self.assert_refused(json.dumps({"secret": SECRET, name: value}), name)
+        # What Python's json reads as inf or nan is no number of seconds either.
+        for text in ("1e400", "-1e400", "NaN", "Infinity"):
+            with self.subTest(text):
+                self.assert_refused(f'{{"leeway": {text}}}', "leeway")
+        files, config = self.load(json.dumps({"leeway": 0.5, "requestTimeout": 2.5,
+                                              "shutdownGrace": 0.5, "passwordIterations": 1000,
+                                              "accessLog": False}))
+        self.assertEqual((config["leeway"], config["requestTimeout"], config["shutdownGrace"],
+                          config["loginAttempts"], config["addressLoginAttempts"]),
+                         (0.5, 2.5, 0.5, 5, 50))
+
+    def test_command_line_port_and_config_errors_are_one_line_exit_2(self):
+        files = Files(self)
+        for port in ("99999", "-1", "65536"):
+            with self.subTest(port=port):
+                result = run_cli("--port", port, "--config", files.config, "--users", files.users)
+                self.assertEqual((result.returncode, result.stderr),
+                                 (2, "authserver: --port: port must be a whole number "
+                                     "from 0 to 65535\n"))
+        for setting, message in (({"accessLog": "false"}, "accessLog must be true or false"),
+                                 ({"tokenLifetime": "1w"}, "tokenLifetime must be")):
+            with self.subTest(setting):
+                bad = Files(self, **setting)
+                result = run_cli("--config", bad.config, "--users", bad.users)
+                self.assertEqual(result.returncode, 2)
+                self.assertTrue(result.stderr.startswith(
+                    f"authserver: config file {bad.config}: {message}"), result.stderr)
+                self.assertEqual(result.stderr.count("\n"), 1)
+
+
+def signed(payload_text):
+    """A token whose payload is exactly this JSON text (json.dumps cannot write 1e400)."""
+    payload = b64url_encode(payload_text.encode())
+    signature = b64url_encode(authserver.sign(f"{HEAD}.{payload}".encode(), SECRET.encode()))
+    return f"{HEAD}.{payload}.{signature}"
+
+
+class TestLimitsHugeNumbers(SharedServerCase):
+    """No number makes a 500: claims beyond a float beside a fractional leeway, JSON numbers
+    Python reads as infinity, a Content-Length of thousands of digits."""
+
+    server_config = {"leeway": 0.5}
+
+    def get_info(self, token):
+        status, _, body = raw_exchange(
+            self.server, f"GET /users/getInfo HTTP/1.1\r\nx-access-token: {token}\r\n\r\n".encode())
+        return status, json.loads(body)
+
+    def test_claim_values_beyond_a_float(self):
+        now = int(time.time())
+        head = f'"id":81623,"username":"test","iat":{now}'
+        huge = "1" + "0" * 309
+        cases = [
+            (f'{{{head},"exp":{huge}}}', 200, None),
+            (f'{{{head},"exp":-{huge}}}', 401, "jwt expired"),
+            (f'{{{head},"exp":{now + 60},"nbf":{huge}}}', 401, "jwt not active"),
+            (f'{{"id":81623,"username":"test","iat":{huge},"exp":{now + 60}}}', 401,
+             "jwt not active"),
+            (f'{{{head},"exp":1e400}}', 401, "invalid exp value"),
+            (f'{{{head},"exp":{now + 60},"nbf":-1e400}}', 401, "invalid nbf value"),
+            (f'{{"id":81623,"username":"test","iat":-1e400,"exp":{now + 60}}}', 401,
+             "invalid iat value"),
+        ]
+        for payload, status, message in cases:
+            with self.subTest(payload[-40:]):
+                answer = self.get_info(signed(payload))
+                self.assertEqual(answer[0], status, answer)
+                if message:
+                    self.assertEqual(answer[1]["message"], message)
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+
+    def test_content_length_of_any_length_is_400_or_413(self):
+        for digits, status, message in (
+                ("9" * 4301, 413, "Body larger than 16384 bytes"),
+                ("1" + "0" * 10000, 413, "Body larger than 16384 bytes"),
+                ("16385", 413, "Body larger than 16384 bytes"),
+                ("0" * 5000 + "2", 400, "username and password are required")):
+            with self.subTest(digits=digits[:10], length=len(digits)):
+                request = ("POST /users/authenticate HTTP/1.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {digits}\r\n\r\n{{}}").encode()
+                answer = raw_exchange(self.server, request)
+                self.assertEqual((answer[0], json.loads(answer[2])), (status, {"message": message}))
+
+
+def header_value(head, name):
+    """The value of header name in a raw response head, or None."""
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+class TestLimitsCatchMutations(SharedServerCase):
+    """Each test here fails for a plausible wrong change to authserver.py that the rest of
+    the suite would let through."""
+
+    def test_signature_is_compared_with_compare_digest(self):
+        with mock.patch("hmac.compare_digest", wraps=hmac.compare_digest) as spy:
+            self.assertEqual(decode_token(VALID, SECRET, now=NOW), GOOD_CLAIMS)
+        self.assertIn(SIGNATURE, [argument for call in spy.call_args_list for argument in call[0]])
+
+    def test_leeway_applies_to_iat(self):
+        early = forge(GOOD_HEADER, dict(GOOD_CLAIMS, iat=NOW + 5))
+        self.assertEqual(decode_token(early, SECRET, now=NOW, leeway=10)["iat"], NOW + 5)
+        with self.assertRaises(authserver.NotBeforeError):
+            decode_token(early, SECRET, now=NOW, leeway=4)
+
+    def test_audience_may_be_a_list(self):
+        for aud, accepted in ((["web", "app"], True), ("app", True), (["web"], False), ([], False)):
+            with self.subTest(aud=aud):
+                token = forge(GOOD_HEADER, dict(GOOD_CLAIMS, aud=aud))
+                if accepted:
+                    claims = decode_token(token, SECRET, now=NOW, audience="app")
+                    self.assertEqual(claims["aud"], aud)
+                else:
+                    with self.assertRaises(TokenError):
+                        decode_token(token, SECRET, now=NOW, audience="app")
+
+    def test_head_answer_has_no_body(self):
+        for path, headers in (("/users/getInfo", f"x-access-token: {token_for()}\r\n"), ("/", "")):
+            with self.subTest(path), socket.create_connection(
+                    ("127.0.0.1", self.server.server_address[1]), timeout=10) as sock:
+                sock.sendall(f"HEAD {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n".encode())
+                received = b""
+                while True:                                     # to the end: the server closes
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                head, _, body = received.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+                self.assertGreater(int(header_value(head, "content-length")), 0)
+                self.assertEqual(body, b"")
+
+    def test_nul_in_credentials_has_its_own_message(self):
+        for body in ('{"username":"te\\u0000st","password":"dGVzdA=="}',
+                     '{"username":"test","password":"dGVz\\u0000dA=="}'):
+            with self.subTest(body):
+                status, _, answer = raw_exchange(self.server, post(body))
+                self.assertEqual((status, json.loads(answer)), (400, {
+                    "message": "username and password must not contain NUL characters"}))
+
+    def test_transfer_encoding_with_content_length_is_refused(self):
+        request = post(json.dumps(login_body()), extra="Transfer-Encoding: chunked\r\n")
+        status, headers, body = raw_exchange(self.server, request)
+        self.assertEqual((status, json.loads(body), headers["connection"]), (411, {
+            "message": "Send a Content-Length; chunked bodies are not accepted"}, "close"))
+
+    def test_control_characters_in_header_values_are_refused(self):
+        for value in (b"a\x00b", b"a\x01b", b"a\x1bb", b"a\rb", b"a\x7fb"):
+            with self.subTest(value=value):
+                status, _, body = raw_exchange(self.server,
+                                               b"GET / HTTP/1.1\r\nX-Note: " + value + b"\r\n\r\n")
+                self.assertEqual((status, json.loads(body)), (400, {"message": "Bad header line"}))
+        tab = raw_exchange(self.server, b"GET / HTTP/1.1\r\nX-Note: a\tb\r\n\r\n")
+        self.assertEqual(tab[0], 200)                   # a tab is allowed (RFC 9110 §5.5)
+
+    def test_secret_needs_32_bytes(self):
+        for text, accepted in (("x" * 31, False), ("x" * 32, True), ("é" * 15, False),
+                               ("é" * 16, True)):
+            with self.subTest(length=len(text.encode())):
+                files = Files(self, secret=text)
+                config = authserver.load_config(files.config)
+                if accepted:
+                    self.assertEqual(authserver.load_secret(config), text.encode())
+                else:
+                    with self.assertRaises(authserver.ConfigError):
+                        authserver.load_secret(config)
+
+    def test_duplicate_user_ids_refused(self):
+        files = Files(self, users=[make_user(7, "ann", "x"), make_user(7, "bob", "y")])
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.UserStore(files.users)
+        self.assertIn("id 7 is twice", str(caught.exception))
+        files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
+        self.assertEqual(len(authserver.UserStore(files.users).tables[1]), 2)  # 7 is not "7"
+
+    def test_pbkdf2_iterations_are_capped(self):
+        digest = base64.b64encode(bytes(32)).decode()
+        at_cap = f"pbkdf2_sha256${authserver.MAX_ITERATIONS}$salt${digest}"
+        over = f"pbkdf2_sha256${authserver.MAX_ITERATIONS + 1}$salt${digest}"
+        self.assertEqual(authserver.split_password_hash(at_cap)[0], authserver.MAX_ITERATIONS)
+        with mock.patch("hashlib.pbkdf2_hmac") as pbkdf2:
+            with self.assertRaises(ValueError):
+                verify_password("x", over)                 # refused before any hashing
+        pbkdf2.assert_not_called()
+        files = Files(self, users=[{"id": 1, "username": "slow", "passwordHash": over}])
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.UserStore(files.users)
+        self.assertIn("'slow' has no valid passwordHash", str(caught.exception))
+
+
+class TestLimitsShippedFiles(unittest.TestCase):
+
+    def test_shipped_files_have_the_right_shape(self):
+        """The one test that reads the shipped users.json and config.json, for their shape
+        only: a newcomer's passwd or adduser must leave the suite green."""
+        users_path = HERE / "users.json"
+        users = json.loads(users_path.read_text(encoding="utf-8"))
+        authserver.check_users(users, users_path)      # hashes, never plaintext; unique
+        for user in users:
+            self.assertEqual([name for name in user if "password" in name.lower()],
+                             ["passwordHash"])
+        config = authserver.load_config(HERE / "config.json")
+        self.assertEqual(config["secret"], "")          # no secret ships with the code
+
+# Sessions: refresh tokens, logout, revocation
+# ---------------------------------------------------------------------------
+
+REVOKED = {"error": True, "name": "SessionRevokedError", "message": "session revoked"}
+NOT_RECOGNISED = {"error": True, "name": "RefreshTokenError",
+                  "message": "refresh token not recognised (revoked or never issued)"}
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def main_in_process(*args):
+    """authserver.main(args) here, not in a subprocess: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdout", out), mock.patch("sys.stderr", err):
+        code = authserver.main([str(arg) for arg in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def poll_until(condition, timeout=10):
+    """Call condition() until it is true or the deadline passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        threading.Event().wait(0.02)
+
+
+class SessionsCase(unittest.TestCase):
+    """A server per test (servers are cheap); helpers to log in, refresh and log out."""
+
+    config = {}
+
+    def setUp(self):
+        self.files = Files(self, **self.config)
+        self.server = start_server(self, self.files)
+        self.client = self.new_client(self.server)
+
+    def new_client(self, server):
+        client = Client(server)
+        self.addCleanup(client.close)
+        return client
+
+    def login(self, username="test", password="test", client=None, headers=None):
+        status, _, body = (client or self.client).request(
+            "POST", "/users/authenticate", login_body(username, password), headers)
+        self.assertEqual(status, 200, body)
+        return body
+
+    def refresh(self, refresh_token, client=None):
+        status, _, body = (client or self.client).request(
+            "POST", "/users/refresh", {"refreshToken": refresh_token})
+        return status, body
+
+    def info(self, token, client=None):
+        status, _, body = (client or self.client).request("GET", "/users/getInfo",
+                                                          headers=bearer(token))
+        return status, body
+
+    def sessions_file(self):
+        return self.files.folder / "authserver.sessions"
+
+
+class TestSessionsTokens(SessionsCase):
+
+    def test_login_returns_both_tokens_and_the_access_token_names_the_session(self):
+        body = self.login(headers={"User-Agent": "phone-app/1.0"})
+        self.assertEqual(set(body), {"token", "expiresIn", "refreshToken", "refreshExpiresIn"})
+        self.assertEqual((body["expiresIn"], body["refreshExpiresIn"]), (3600, 14 * 86400))
+        self.assertRegex(body["refreshToken"], r"^[A-Za-z0-9_-]{43}$")
+        claims = decode_token(body["token"], SECRET)
+        self.assertRegex(claims["sid"], r"^[A-Za-z0-9_-]{22}$")
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(body["token"]))
+        self.assertEqual(status, 200, listed)
+        [session] = listed["sessions"]
+        self.assertEqual(set(session), {"id", "created", "lastUsed", "expires", "address",
+                                        "userAgent", "current"})
+        self.assertEqual((session["id"], session["address"], session["userAgent"],
+                          session["current"]), (claims["sid"], "127.0.0.1", "phone-app/1.0", True))
+        self.assertEqual(session["expires"] - session["created"], 14 * 86400)
+
+    def test_refresh_rotates_both_tokens(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200, second)
+        self.assertEqual(set(second), {"token", "expiresIn", "refreshToken", "refreshExpiresIn"})
+        self.assertNotEqual(second["refreshToken"], first["refreshToken"])
+        self.assertEqual(decode_token(second["token"], SECRET)["sid"],
+                         decode_token(first["token"], SECRET)["sid"])
+        self.assertEqual(self.info(second["token"])[0], 200)
+        status, third = self.refresh(second["refreshToken"])
+        self.assertEqual(status, 200, third)
+        self.assertNotIn(third["refreshToken"], (first["refreshToken"], second["refreshToken"]))
+
+    def test_refresh_with_a_form_body(self):
+        first = self.login()
+        status, _, body = self.client.request(
+            "POST", "/users/refresh", f"refreshToken={first['refreshToken']}",
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 200, body)
+
+    def test_bad_refresh_and_logout_bodies_are_4xx(self):
+        cases = [({}, 400, "refreshToken is required"),
+                 ({"refreshToken": 5}, 400, "refreshToken must be a non-empty string"),
+                 ({"refreshToken": ""}, 400, "refreshToken must be a non-empty string"),
+                 ("[1]", 400, "Malformed body: not a JSON object")]
+        for path in ("/users/refresh", "/users/logout"):
+            for body, code, message in cases:
+                with self.subTest(path=path, body=body):
+                    headers = {"Content-Type": "application/json"}
+                    status, _, answer = self.client.request("POST", path, body, headers)
+                    self.assertEqual((status, answer), (code, {"message": message}))
+            status, _, _ = self.client.request("POST", path, "x", {"Content-Type": "text/plain"})
+            self.assertEqual(status, 415)
+        for token in ("A" * 43, "not a token", "x" * 5000):
+            with self.subTest(token=token[:10]):
+                self.assertEqual(self.refresh(token), (401, NOT_RECOGNISED))
+
+    def test_two_refreshes_at_the_same_moment_get_the_same_pair(self):
+        # Two threads on this server, one on a second server on the same files (another
+        # SQLite connection, as another process would have).
+        other = start_server(self, self.files)
+        first = self.login()
+        clients = [self.new_client(self.server), self.new_client(self.server),
+                   self.new_client(other)]
+        barrier = threading.Barrier(len(clients))
+        answers = [None] * len(clients)
+
+        def refresh(index):
+            barrier.wait(timeout=10)
+            answers[index] = self.refresh(first["refreshToken"], clients[index])
+        threads = [threading.Thread(target=refresh, args=(index,)) for index in range(len(clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        self.assertEqual([status for status, _ in answers], [200] * len(clients), answers)
+        self.assertEqual(len({json.dumps(body, sort_keys=True) for _, body in answers}), 1)
+        pair = answers[0][1]
+        self.assertEqual(self.info(pair["token"])[0], 200)
+        self.assertEqual(self.refresh(pair["refreshToken"])[0], 200)   # and it rotates on
+
+    def test_token_without_sid_is_verified_as_before(self):
+        self.assertEqual(self.info(token_for())[0], 200)
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(token_for()))
+        self.assertEqual((status, listed), (200, {"sessions": []}))
+        status, body = self.info(token_for(sid=5))
+        self.assertEqual((status, body["message"]), (401, "invalid sid value"))
+
+    def test_sessions_list_marks_the_current_one_and_only_the_users(self):
+        first = self.login(headers={"User-Agent": "laptop"})
+        second = self.login(headers={"User-Agent": "phone"})
+        self.login("ncuser", "ncpassword")
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(second["token"]))
+        self.assertEqual(status, 200)
+        self.assertEqual([(s["userAgent"], s["current"]) for s in listed["sessions"]],
+                         [("laptop", False), ("phone", True)])
+        self.assertEqual([s["id"] for s in listed["sessions"]],
+                         [decode_token(t, SECRET)["sid"] for t in (first["token"], second["token"])])
+        self.assertEqual(self.client.request("GET", "/users/sessions")[0], 403)
+        self.assertEqual(self.client.request("POST", "/users/sessions", {},
+                                             bearer(second["token"]))[0], 405)
+
+
+class TestSessionsRevocation(SessionsCase):
+
+    config = {"refreshGrace": 0}
+
+    def test_reuse_after_rotation_revokes_the_session(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200)
+        self.assertEqual(self.info(second["token"])[0], 200)
+        status, body = self.refresh(first["refreshToken"])           # the spent one again
+        self.assertEqual((status, body), (401, {
+            "error": True, "name": "RefreshTokenReuseError",
+            "message": "refresh token already used: the session is revoked; log in again"}))
+        self.assertEqual(self.info(second["token"]), (401, REVOKED))
+        self.assertEqual(self.info(first["token"]), (401, REVOKED))
+        self.assertEqual(self.refresh(second["refreshToken"]), (401, NOT_RECOGNISED))
+
+    def test_logout_refuses_the_access_token_at_once_and_is_idempotent(self):
+        body = self.login()
+        other = self.login()
+        status, response, answer = self.client.request("POST", "/users/logout",
+                                                       {"refreshToken": body["refreshToken"]})
+        self.assertEqual((status, answer, response.getheader("Content-Length")), (204, b"", None))
+        status, response, answer = self.client.request("GET", "/users/getInfo",
+                                                       headers=bearer(body["token"]))
+        self.assertEqual((status, answer), (401, REVOKED))
+        self.assertEqual(response.getheader("WWW-Authenticate"),
+                         'Bearer error="invalid_token", error_description="session revoked"')
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        for token in (body["refreshToken"], "never-issued"):
+            with self.subTest(token=token):
+                status, _, _ = self.client.request("POST", "/users/logout", {"refreshToken": token})
+                self.assertEqual(status, 204)
+        self.assertEqual(self.info(other["token"])[0], 200)          # the other session lives
+
+    def test_logout_all_ends_every_session_of_the_user_only(self):
+        first, second = self.login(), self.login()
+        theirs = self.login("ncuser", "ncpassword")
+        self.assertEqual(self.client.request("POST", "/users/logoutAll", b"",
+                                             {**bearer(first["token"]), "Content-Length": "0"})[0], 204)
+        for body in (first, second):
+            self.assertEqual(self.info(body["token"]), (401, REVOKED))
+            self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        self.assertEqual(self.info(theirs["token"])[0], 200)
+        self.assertEqual(self.client.request("POST", "/users/logoutAll", b"")[0], 403)
+
+    def test_a_deleted_user_cannot_refresh(self):
+        body = self.login()
+        authserver.save_users(self.files.users, TEST_USERS[1:])
+        self.server.users.refresh(force=True)
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, {
+            "error": True, "name": "RefreshTokenError", "message": "user not found"}))
+        self.assertEqual(self.server.sessions.sessions_of("test", time.time()), [])
+
+    def test_oldest_sessions_end_past_max_sessions_per_user(self):
+        self.server.sessions.max_per_user = 2
+        bodies = [self.login() for _ in range(3)]
+        self.assertEqual(self.info(bodies[0]["token"]), (401, REVOKED))
+        self.assertEqual(self.refresh(bodies[0]["refreshToken"]), (401, NOT_RECOGNISED))
+        status, _, listed = self.client.request("GET", "/users/sessions",
+                                                headers=bearer(bodies[2]["token"]))
+        self.assertEqual(len(listed["sessions"]), 2)
+        self.assertEqual(self.info(bodies[1]["token"])[0], 200)
+
+    def test_a_revocation_by_another_process_is_seen_within_seconds(self):
+        body, kept = self.login(), self.login("ncuser", "ncpassword")
+        common = ("--config", self.files.config, "--users", self.files.users)
+        result = run_cli("sessions", "test", *common)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sid = decode_token(body["token"], SECRET)["sid"]
+        self.assertIn(sid, result.stdout)
+        self.assertIn("127.0.0.1", result.stdout)
+        result = run_cli("revoke", "test", sid, *common)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("1 session(s) of 'test' revoked", result.stdout)
+        self.assertEqual(poll_until(lambda: self.info(body["token"])[0] == 401), True)
+        self.assertEqual(self.info(body["token"]), (401, REVOKED))
+        self.assertEqual(self.info(kept["token"])[0], 200)
+        for args in (("revoke", "nobody"), ("revoke", "test", sid), ("sessions", "nobody")):
+            with self.subTest(args=args):
+                code, _, error = main_in_process(*args, *common)
+                self.assertEqual((code, len(error.splitlines())), (2, 1))
+                self.assertTrue(error.startswith("authserver: no "), error)
+
+    def test_passwd_revokes_the_users_sessions(self):
+        self.files.config.write_text(json.dumps({"secret": SECRET, "refreshGrace": 0,
+                                                 "passwordIterations": FAST_ITERATIONS}))
+        body, kept = self.login(), self.login("ncuser", "ncpassword")
+        result = run_cli("passwd", "test", "--config", self.files.config, "--users",
+                         self.files.users, stdin="a-new-password\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("1 session(s) revoked", result.stdout)
+        self.assertEqual(poll_until(lambda: self.info(body["token"])[0] == 401), True)
+        self.assertEqual(self.refresh(body["refreshToken"]), (401, NOT_RECOGNISED))
+        self.assertEqual(self.info(kept["token"])[0], 200)
+
+    def test_explain_a_refresh_token_and_a_revoked_access_token(self):
+        body = self.login()
+        common = ("--config", self.files.config, "--users", self.files.users)
+        code, out, error = main_in_process("explain", body["refreshToken"], *common)
+        self.assertEqual(code, 0, out + error)
+        for text in ("This is a refresh token, not a JWT", "what makes it revocable",
+                     hashlib.sha256(body["refreshToken"].encode()).hexdigest(),
+                     "Verdict: valid. POST /users/refresh would renew it"):
+            self.assertIn(text, out)
+        code, out, error = main_in_process("explain", body["token"], *common)
+        self.assertEqual(code, 0, out + error)
+        self.assertIn("7. Is the session still live?", out)
+        self.client.request("POST", "/users/logout", {"refreshToken": body["refreshToken"]})
+        code, out, error = main_in_process("explain", body["token"], *common)
+        self.assertEqual(code, 1, out + error)
+        self.assertIn("FAIL SessionRevokedError: session revoked", out)
+        self.assertIn('"name":"SessionRevokedError","message":"session revoked"', out)
+        code, out, error = main_in_process("explain", body["refreshToken"], *common)
+        self.assertEqual(code, 1, out + error)
+        self.assertIn("FAIL RefreshTokenError: refresh token not recognised", out)
+
+
+class TestSessionsStorage(SessionsCase):
+
+    def test_the_file_never_holds_a_refresh_token(self):
+        first = self.login()
+        status, second = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200)
+        stored = b"".join(path.read_bytes() for path in self.files.folder.glob("authserver.sessions*"))
+        for token in (first["refreshToken"], second["refreshToken"]):     # (not printed)
+            self.assertFalse(token.encode() in stored, "a refresh token is in the file")
+            self.assertFalse(b64url_decode(token) in stored, "a refresh token is in the file")
+            self.assertTrue(hashlib.sha256(token.encode()).digest() in stored)
+        if os.name == "posix":
+            self.assertEqual(self.sessions_file().stat().st_mode & 0o777, 0o600)
+
+    def test_a_failing_sessions_file_is_503_and_no_token(self):
+        body = self.login()
+
+        class Broken:
+            def execute(self, *args):
+                raise authserver.sqlite3.OperationalError("attempt to write a readonly database")
+        with mock.patch.object(self.server.sessions, "connection", Broken()):
+            expected = {"error": True, "name": "SessionStoreError",
+                        "message": "Sessions are unavailable right now; try again shortly"}
+            for path, request_body in (("/users/authenticate", login_body()),
+                                       ("/users/refresh", {"refreshToken": body["refreshToken"]}),
+                                       ("/users/logout", {"refreshToken": body["refreshToken"]})):
+                with self.subTest(path=path):
+                    status, response, answer = self.client.request("POST", path, request_body)
+                    self.assertEqual((status, answer), (503, expected))
+                    self.assertEqual(response.getheader("Retry-After"), "5")
+            # A live session is checked in memory: getInfo does not need the file ...
+            self.assertEqual(self.info(body["token"])[0], 200)
+            # ... unless it is one this process has never seen.
+            self.assertEqual(self.info(token_for(sid="started-elsewhere")), (503, expected))
+        self.assertIn("attempt to write a readonly database", self.server.test_log.getvalue())
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+        self.assertEqual(self.refresh(body["refreshToken"])[0], 200)     # nothing was spent
+
+    def test_purge_of_expired_sessions(self):
+        store = authserver.SessionStore(self.files.folder / "purge.sessions", refresh_lifetime=10,
+                                        max_per_user=5, grace=0)
+        self.addCleanup(store.close)
+        store.start("test", NOW)
+        store.start("ncuser", NOW + 5)
+        store.start("ncuser", NOW + 11)          # the first has expired: purged now
+        with store.lock:
+            names = [row[0] for row in store.connection.execute("SELECT username FROM sessions")]
+        self.assertEqual(names, ["ncuser", "ncuser"])
+
+    def test_restart_then_refresh(self):
+        body = self.login()
+        restarted = start_server(self, self.files)       # a new process's view: fresh store
+        client = self.new_client(restarted)
+        self.server.sessions.close()
+        status, renewed = self.refresh(body["refreshToken"], client)
+        self.assertEqual(status, 200, renewed)
+        self.assertEqual(self.info(renewed["token"], client)[0], 200)
+
+    def test_kill_9_in_the_middle_of_logins_leaves_a_usable_file(self):
+        process = ServerProcess(self, "--config", self.files.config, "--users", self.files.users)
+        first = json.loads(raw_exchange(process.port, post(json.dumps(login_body())))[2])
+        stop, logins = threading.Event(), []
+
+        def keep_logging_in():
+            while not stop.is_set():        # as another user: test's first session stays
+                try:
+                    raw_exchange(process.port, post(json.dumps(login_body("ncuser", "ncpassword"))),
+                                 timeout=5)
+                except (OSError, AssertionError):
+                    return
+                logins.append(1)
+        threads = [threading.Thread(target=keep_logging_in) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(poll_until(lambda: len(logins) >= 4))     # logins are flowing now
+        process.process.kill()                   # SIGKILL on POSIX: no cleanup at all
+        process.process.wait(timeout=10)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        check = authserver.sqlite3.connect(self.sessions_file())
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA integrity_check").fetchone(), ("ok",))
+        status, renewed = self.refresh(first["refreshToken"])
+        self.assertEqual(status, 200, renewed)
+
+    def test_an_unusable_sessions_file_refuses_to_start(self):
+        self.sessions_file().unlink()
+        for name in ("authserver.sessions-wal", "authserver.sessions-shm"):
+            (self.files.folder / name).unlink(missing_ok=True)
+        self.sessions_file().write_bytes(b"this is not an SQLite database\n" * 200)
+        result = run_cli("--config", self.files.config, "--users", self.files.users)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1), result.stderr)
+        self.assertTrue(result.stderr.startswith(
+            f"authserver: sessions file {self.sessions_file()}: file is not a database"),
+            result.stderr)
+        missing = Files(self, sessionsFile="no/such/folder/sessions")
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.make_server(missing.config, missing.users, "127.0.0.1", 0,
+                                   log_stream=io.StringIO())
+        self.assertTrue(str(caught.exception).startswith(
+            f"sessions file {missing.folder / 'no' / 'such'}"), caught.exception)
+
+    def test_a_locked_or_read_only_sessions_file_refuses_to_start(self):
+        # Simulated: as root here, a chmod would not stop SQLite from writing.
+        for failure in ("database is locked", "attempt to write a readonly database"):
+            with self.subTest(failure=failure), mock.patch(
+                    "authserver.sqlite3.connect",
+                    side_effect=authserver.sqlite3.OperationalError(failure)):
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.make_server(self.files.config, self.files.users, "127.0.0.1", 0,
+                                           log_stream=io.StringIO())
+                self.assertEqual(str(caught.exception),
+                                 f"sessions file {self.sessions_file()}: {failure}")
+
+    def test_config_keys_are_checked(self):
+        cases = [({"refreshTokenLifetime": "30m"}, "refreshTokenLifetime must be at least tokenLifetime"),
+                 ({"refreshTokenLifetime": "soon"}, "refreshTokenLifetime must be a positive"),
+                 ({"maxSessionsPerUser": 0}, "maxSessionsPerUser must be a whole number from 1 to"),
+                 ({"maxSessionsPerUser": "5"}, "maxSessionsPerUser must be a whole number from 1 to"),
+                 ({"maxSessionsPerUser": 2.5}, "maxSessionsPerUser must be a whole number from 1 to"),
+                 ({"refreshGrace": -1}, "refreshGrace must be a number from 0 to"),
+                 ({"sessionsFile": 5}, "sessionsFile must be a string"),
+                 ({"sessionsFile": ""}, "sessionsFile must not be empty")]
+        for config, message in cases:
+            with self.subTest(config=config):
+                files = Files(self, **config)
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.load_config(files.config)
+                self.assertIn(message, str(caught.exception))
 
 
 

@@ -3,10 +3,13 @@
     python bench/bench_http.py [--rounds 3] [--seconds 5] [--seed DIR]
 
 What it runs, all on 127.0.0.1 (the servers pinned to CPU 0, wrk to CPU 1 with taskset):
-- GET /users/getInfo with a valid Bearer token, keep-alive, 16 connections;
+- GET /users/getInfo with a valid Bearer token, keep-alive, 16 connections; for authserver
+  twice: a token without a session (verification alone, as before sessions existed) and a
+  login's token, whose session is checked too;
 - the same with "Connection: close" on every request (a new connection each time);
 - POST /users/authenticate with 1 and then 2 clients (authserver only, not pinned:
-  the password hash should use both cores);
+  the password hash should use both cores); POST /users/refresh beside a login is
+  bench_cost.py's;
 - idle memory (RSS) and the time from start to first answer.
 Rounds are interleaved (every server once per round); figures are medians of the rounds.
 A peer that is not installed is skipped with a line saying why (see bench/README.md):
@@ -21,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (LOGIN, LOGIN_SCRIPT, http_post, median_of, missing_wrk,  # noqa: F401
-                    start_authserver, start_peers, wrk)
+from common import (LOGIN, LOGIN_SCRIPT, http_post, median_of, missing_wrk, start_authserver,
+                    start_peers, wrk)
 
 
 def main():
@@ -39,14 +42,20 @@ def main():
           f"{args.rounds} interleaved rounds of {args.seconds}s; servers on CPU 0, wrk on CPU 1")
     keep_alive = {server.name: [] for server in servers}
     closing = {server.name: [] for server in servers}
+    with_session = []
+    servers[0].session_token = http_post(servers[0].port, "/users/authenticate", LOGIN)["token"]
     try:
         for _ in range(args.rounds):
             for server in servers:
                 bearer = f"Authorization: Bearer {server.token}"
                 keep_alive[server.name].append(wrk(server.port, "/users/getInfo", 16, args.seconds, [bearer]))
+                if server is servers[0]:
+                    with_session.append(wrk(server.port, "/users/getInfo", 16, args.seconds,
+                                            [f"Authorization: Bearer {server.session_token}"]))
                 closing[server.name].append(wrk(server.port, "/users/getInfo", 16, args.seconds,
                                                 [bearer, "Connection: close"]))
         report(servers, keep_alive, closing)
+        report_sessions(keep_alive[servers[0].name], with_session)
     finally:
         for server in servers:
             server.stop()
@@ -74,6 +83,14 @@ def report(servers, keep_alive, closing):
               f"{median_of(closing[ours], 'rate') / median_of(closing[server.name], 'rate'):.1f}x, "
               f"idle RSS {servers[0].idle_rss / server.idle_rss:.2f}x, "
               f"start-up time {servers[0].start_seconds / server.start_seconds:.2f}x")
+
+
+def report_sessions(stateless, with_session):
+    """What checking the session on every request costs getInfo."""
+    before, after = median_of(stateless, "rate"), median_of(with_session, "rate")
+    print(f"\nauthserver GET /users/getInfo, keep-alive: token without a session {before:.0f} "
+          f"req/s, login token with its session checked {after:.0f} req/s "
+          f"({(after - before) / before:+.1%}; non-2xx {sum(r['non2xx'] for r in with_session)})")
 
 
 def login_scaling(folder, args):
