@@ -66,6 +66,7 @@ import tempfile
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.parse
 from collections import OrderedDict, deque, namedtuple
 from datetime import datetime, timezone
@@ -78,6 +79,10 @@ try:                                # POSIX: advisory whole-file locks
 except ImportError:                 # Windows: byte-range locks from the C runtime
     fcntl = None
     import msvcrt
+try:
+    import resource                 # POSIX: the open-file limit (ulimit -n)
+except ImportError:
+    resource = None                 # Windows: no such limit on sockets
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,13 +103,20 @@ DEFAULT_CONFIG = {
     "issuer": None,                # when set: tokens carry "iss" and must carry it back
     "audience": None,              # likewise "aud"
     "maxBodyBytes": 16384,
-    "requestTimeout": 10,          # seconds a client has to send a whole request
+    "requestTimeout": 10,          # seconds a client has to send a whole request, and
+                                   # to take in a whole response
+    # A class of 50 phones behind one address (a NAT, or emulators on the laptop) with a
+    # browser's 6 connections each fits under the per-address cap; twice that in all
+    # leaves most of the common 1024 open files (ulimit -n) for everything else.
+    "maxConnections": 600,         # connections open at once, in all; beyond: 503
+    "maxConnectionsPerAddress": 300,  # ... and from one client address
     "loginAttempts": 5,            # password checks one username may start ...
     "addressLoginAttempts": 50,    # ... and one client address (a whole class behind a NAT) ...
     "loginWindow": 60,             # ... in this many seconds; a right password is not counted
     "passwordIterations": 600000,  # PBKDF2 rounds for new hashes (OWASP 2023)
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
+    "allowRegistration": False,    # POST /users/register: anyone who can reach us may sign up
     "refreshTokenLifetime": "14d",  # a refresh token's life from its issue (at least tokenLifetime)
     "sessionsFile": "authserver.sessions",  # SQLite, relative to the config file's folder
     "maxSessionsPerUser": 20,      # a user's oldest sessions end when a login goes past this
@@ -128,6 +140,8 @@ NUMBER_SETTINGS = {
     "maxBodyBytes": (int, 1, 2 ** 30),
     "loginAttempts": (int, 1, 1_000_000),
     "addressLoginAttempts": (int, 1, 1_000_000),
+    "maxConnections": (int, 1, 1_000_000),
+    "maxConnectionsPerAddress": (int, 1, 1_000_000),
     "loginWindow": (int, 1, 86400),
     "passwordIterations": (int, 1, MAX_ITERATIONS),
     "leeway": (float, 0, 86400),
@@ -190,8 +204,9 @@ def load_config(path):
         raise ConfigError(f"{where}: refreshTokenLifetime must be at least tokenLifetime")
     for name in NUMBER_SETTINGS:
         checked_number(config[name], name, where)
-    if type(config["accessLog"]) is not bool:
-        raise ConfigError(f"{where}: accessLog must be true or false")
+    for name in ("accessLog", "allowRegistration"):
+        if type(config[name]) is not bool:
+            raise ConfigError(f"{where}: {name} must be true or false")
     for name in ("secret", "secretFile", "host", "sessionsFile"):
         if not isinstance(config[name], str):
             raise ConfigError(f"config file {path}: {name} must be a string")
@@ -611,7 +626,10 @@ def public_record(user):
 # of any script are welcome (café, 山田); whitespace, control characters and lone surrogates
 # (argv bytes that were not UTF-8) are not: nobody can see them, let alone type them.
 MAX_USERNAME_CHARS = 64
-NOT_IN_USERNAMES = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters, invisible format characters (zero-width spaces, right-to-left
+# overrides), lone surrogates, private-use and unassigned code points: each makes a name
+# that prints like another one, or like nothing.
+UNSEEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 
 
 def check_username(name, where):
@@ -621,7 +639,7 @@ def check_username(name, where):
     if len(name) > MAX_USERNAME_CHARS:
         raise ConfigError(f"{where}: username {name[:20]!r}... is longer than "
                           f"{MAX_USERNAME_CHARS} characters")
-    if NOT_IN_USERNAMES.search(name):
+    if any(char.isspace() or unicodedata.category(char) in UNSEEN_CATEGORIES for char in name):
         raise ConfigError(f"{where}: username {name!r} contains whitespace or a control "
                           f"character")
 
@@ -707,12 +725,69 @@ def add_user_record(path, username, password_hash, fields):
     def append(users):
         refuse_taken(users, username, path)
         taken = {user.get("id") for user in users}
-        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(90000) + 10000, None)
+        # Five digits, as the tutorial's ids, drawn from a range at least ten times the
+        # number of users: a free one is found at once, however many sign up.
+        span = max(90000, 10 * len(users))
+        user_id = next(candidate for candidate in iter(lambda: secrets.randbelow(span) + 10000, None)
                        if candidate not in taken)
         record = {"id": user_id, "username": username, "passwordHash": password_hash, **fields}
         users.append(record)
         return record
     return update_users_file(path, append)
+
+
+# -- the rules for a new user: sign-up checks them before anything is written ---
+# (The username's rule is check_username's, above, the same as for users.json and adduser.)
+
+# NIST SP 800-63B §5.1.1.2: at least 8 characters, no composition rules ("a digit and a
+# capital"), every printable character and Unicode allowed, and a check against passwords
+# known to be common. The ceiling only bounds the work: PBKDF2 hashes a long password
+# once, so 256 costs nothing, and is four times the 64 NIST asks verifiers to accept.
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 256
+# The first guesses of every guessing tool: the most common passwords of 8 characters or
+# more in the published leak lists (shorter ones fail the length rule already). A short
+# list, not a breach corpus: it stops the worst choices and shows the rule.
+COMMON_PASSWORDS = frozenset("""
+    password password1 password123 12345678 123456789 1234567890 0123456789 11111111
+    00000000 12341234 87654321 qwertyuiop qwerty123 1q2w3e4r 1qaz2wsx zaq12wsx
+    iloveyou sunshine princess football baseball superman starwars welcome1
+    abc12345 abcd1234 letmein1 trustno1 passw0rd whatever dragon123 monkey123
+""".split())
+# Profile fields beside username and password: short text only, under names like the
+# tutorial's firstName and phone. Text, because the apps built on the tutorial read them as
+# strings; bounded, because users.json is read whole and rewritten on every change. Names
+# with "password" in them are refused, as getInfo would hide them (public_record).
+PROFILE_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+MAX_PROFILE_FIELDS = 10
+MAX_PROFILE_CHARS = 200
+
+
+def check_new_password(password, username):
+    """ValueError unless password may be chosen (length counted in characters, not bytes)."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"password must be at least {MIN_PASSWORD_CHARS} characters")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"password must be at most {MAX_PASSWORD_CHARS} characters")
+    if password.casefold() in COMMON_PASSWORDS:
+        raise ValueError("password is one of the most common passwords; choose another")
+    if password.casefold() == username.casefold():
+        raise ValueError("password must not be the username")
+
+
+def check_profile(fields):
+    """ValueError unless fields (all but username and password) are profile text we keep."""
+    if len(fields) > MAX_PROFILE_FIELDS:
+        raise ValueError(f"at most {MAX_PROFILE_FIELDS} profile fields")
+    for name, value in fields.items():
+        if (not PROFILE_FIELD_NAME.fullmatch(name) or name == "id"
+                or "password" in name.lower()):
+            raise ValueError(f"field {name!r} is not accepted: profile fields are named like "
+                             f"firstName, and id and password fields are the server's")
+        if (not isinstance(value, str) or len(value) > MAX_PROFILE_CHARS
+                or not value.isprintable()):
+            raise ValueError(f"{name} must be text of at most {MAX_PROFILE_CHARS} "
+                             f"printable characters")
 
 
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
@@ -734,6 +809,7 @@ class UserStore:
         self.log = log
         self.stamp = None
         self.next_check = 0.0
+        self.reloading = threading.Lock()
         self.tables = self.read()
 
     def read(self):
@@ -758,19 +834,28 @@ class UserStore:
             return None
 
     def refresh(self, force=False):
-        """Reload if the file changed; at most once a second. A broken file is kept out."""
+        """Reload if the file changed; at most once a second. A broken file is kept out.
+
+        force: now, whatever the clock says; sign-up's new user must log in at once.
+        """
         now = time.monotonic()
         if not force and now < self.next_check:
             return
-        self.next_check = now + self.RECHECK_SECONDS
-        if self.file_stamp() == self.stamp:
-            return
-        try:
-            self.tables = self.read()
-        except ConfigError as error:
-            self.stamp = self.file_stamp()      # say it once, not every second
-            self.log(f"users file not reloaded, keeping the last good one: {error}")
-            return
+        # One reload at a time: a thread that read an older file must not put its tables
+        # in after a reload that started later (a sign-up that has written its user and
+        # reloads) put in newer ones.
+        with self.reloading:
+            self.next_check = now + self.RECHECK_SECONDS
+            if self.file_stamp() == self.stamp:
+                if force:                           # asked (SIGHUP): say that nothing changed
+                    self.log(f"users file unchanged: {len(self.tables[0])} users")
+                return
+            try:
+                self.tables = self.read()
+            except ConfigError as error:
+                self.stamp = self.file_stamp()      # say it once, not every second
+                self.log(f"users file not reloaded, keeping the last good one: {error}")
+                return
         self.log(f"users file reloaded: {len(self.tables[0])} users")
 
     def find_by_name(self, username):
@@ -1197,6 +1282,12 @@ class HTTPError(Exception):
                                  headers)
 
 
+def named_error(status, name, message, headers=()):
+    """An HTTPError in the tutorial's {"error": true, "name", "message"} shape."""
+    return HTTPError(status, message, body={"error": True, "name": name, "message": message},
+                     headers=headers)
+
+
 def token_refused(error):
     """401 for a token that failed verification, in the tutorial's shape and RFC 6750's."""
     description = error.args[0].replace('"', "'")
@@ -1255,7 +1346,8 @@ def answer_preflight(request):
     if request.command != "OPTIONS":
         return None
     headers = [("Access-Control-Allow-Methods", CORS_METHODS),
-               ("Allow", allowed_methods(request.route_path) or CORS_METHODS)]
+               ("Allow", allowed_methods(request.server.routes, request.route_path)
+                or CORS_METHODS)]
     asked = request.headers.get("access-control-request-headers")
     if asked and HEADER_LIST.fullmatch(asked):
         headers += [("Access-Control-Allow-Headers", asked),
@@ -1274,7 +1366,7 @@ def bearer_token(headers):
 
 def require_token(request):
     """Every path but the public ones needs a valid token for a user who still exists."""
-    if request.route_path in PUBLIC_PATHS:
+    if request.route_path in request.server.public_paths:
         return None
     token = bearer_token(request.headers)
     if not token:
@@ -1312,10 +1404,10 @@ def check_session(sessions, claims):
 def route(request):
     """Last step: the function for (method, path), or 404 / 405."""
     method = "GET" if request.command == "HEAD" else request.command
-    action = ROUTES.get((method, request.route_path))
+    action = request.server.routes.get((method, request.route_path))
     if action is not None:
         return action(request)
-    allowed = allowed_methods(request.route_path)
+    allowed = allowed_methods(request.server.routes, request.route_path)
     if allowed:
         raise HTTPError(405, f"Method {request.command} not allowed on {request.route_path}",
                         headers=(("Allow", allowed),))
@@ -1355,7 +1447,11 @@ def read_fields(request):
 
 def read_credentials(request):
     """username and the base64 password from a JSON or form body."""
-    fields = read_fields(request)
+    return credentials_from(read_fields(request))
+
+
+def credentials_from(fields):
+    """username and the base64 password from a body's fields; 400 unless both are text."""
     username, password = fields.get("username"), fields.get("password")
     if username is None or password is None:
         raise HTTPError(400, "username and password are required")
@@ -1494,6 +1590,56 @@ def get_info(request):
     return Response(200, request.user.public_json)
 
 
+def register(request):
+    """POST /users/register (when allowRegistration is on): a new user; 201 with its record."""
+    server = request.server
+    # Every attempt counts, at its start, against the address's login budget: "taken"
+    # tells that a username exists, so a loop probing names gets no more tries than a
+    # loop guessing passwords.
+    wait = server.limiter.reserve((("address", request.client_address[0]),), time.time())
+    if wait:
+        raise HTTPError(429, f"Too many attempts from this address; try again in {wait} seconds",
+                        headers=(("Retry-After", str(wait)),))
+    username, password, profile = read_registration(request)
+    if server.users.find_by_name(username)[0] is not None:      # saves hashing in vain
+        raise username_taken(username)
+    with server.hashing:                # slow, so before the users file is locked
+        password_hash = hash_password(password, server.config["passwordIterations"])
+    try:
+        record = add_user_record(server.users.path, username, password_hash, profile)
+    except UsernameTaken:               # the file has the last word: two sign-ups at once
+        raise username_taken(username) from None
+    except (ConfigError, OSError) as error:
+        server.log(f"sign-up of {username!r} not saved: {error}")
+        raise named_error(503, "UsersFileError", "Sign-up is unavailable right now; "
+                          "try again shortly", headers=(("Retry-After", "5"),)) from None
+    server.users.refresh(force=True)    # the new user can log in with the next request
+    return Response(201, public_record(record))
+
+
+def read_registration(request):
+    """(username, password, profile fields) from the body, each checked; 400 if one fails."""
+    fields = read_fields(request)
+    username, encoded_password = credentials_from(fields)
+    password = decode_password(encoded_password)
+    profile = {name: value for name, value in fields.items()
+               if name not in ("username", "password")}
+    try:
+        check_username(username, "sign-up")
+        if password is None:
+            raise ValueError("password must be base64, as for login")
+        check_new_password(password, username)
+        check_profile(profile)
+    except (ValueError, ConfigError) as error:
+        raise named_error(400, "ValidationError", str(error)) from None
+    return username, password, profile
+
+
+def username_taken(username):
+    """409 for a username users.json already has."""
+    return named_error(409, "UsernameTakenError", f"username {username!r} is taken")
+
+
 # The page may talk to this server only, and may not be framed by another site: even a
 # tampered copy of it could not send a password elsewhere.
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -1510,6 +1656,20 @@ def serve_page(request):
                     content_type="text/html; charset=utf-8")
 
 
+HOST_HEADER = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def serve_openapi(request):
+    """GET /openapi.json: the OpenAPI 3.1 document of the routes this server answers."""
+    server = request.server
+    host = request.headers.get("host", "")
+    # The address the client reached us at, so an importer's requests go to the same
+    # place; "/" (relative to the document) when Host is absent or odd.
+    scheme = "https" if server.tls_context else "http"
+    server_url = f"{scheme}://{host}" if HOST_HEADER.fullmatch(host) else "/"
+    return Response(200, openapi_document(server.routes, server_url))
+
+
 ROUTES = {
     ("POST", "/users/authenticate"): authenticate,
     ("GET", "/users/getInfo"): get_info,
@@ -1517,19 +1677,262 @@ ROUTES = {
     ("POST", "/users/logout"): logout,
     ("POST", "/users/logoutAll"): logout_all,
     ("GET", "/users/sessions"): list_sessions,
+    ("POST", "/users/register"): register,
+    ("GET", "/openapi.json"): serve_openapi,
     ("GET", "/"): serve_page,
 }
 # As in the tutorial, authentication runs before routing; only these paths skip it. A
 # refresh token is its own credential: refresh and logout work after the access token expired.
-PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/"}
+PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/users/register",
+                "/openapi.json", "/"}
+# Routes that exist only when a setting turns them on. Off, the path is unknown in every
+# way: the same 403 / 404 as any unknown path, and no Allow header or OpenAPI names it.
+OPTIONAL_ROUTES = {("POST", "/users/register"): "allowRegistration"}
 
 
-def allowed_methods(path):
-    """The Allow header for a known path, "" for an unknown one."""
-    methods = sorted(method for method, route_path in ROUTES if route_path == path)
+def enabled_routes(config):
+    """ROUTES without the optional ones config leaves off: the table a server routes by."""
+    return {key: action for key, action in ROUTES.items()
+            if key not in OPTIONAL_ROUTES or config[OPTIONAL_ROUTES[key]]}
+
+
+def allowed_methods(routes, path):
+    """The Allow header for a path among routes, "" for an unknown one."""
+    methods = sorted(method for method, route_path in routes if route_path == path)
     if "GET" in methods:
         methods.append("HEAD")
     return ", ".join(methods + ["OPTIONS"]) if methods else ""
+
+
+# -- GET /openapi.json: the routes above, described for Postman, Insomnia and generators --
+# Built from ROUTES as the server has them (optional routes only when on), and from
+# ROUTE_DOCS below, keyed the same way: a route missing there fails the tests. What every
+# route of a kind answers (a token route's 401/403, a POST's 411/413, a body's 415) is added
+# by openapi_operation, so it is written once. A test walks a live server through every
+# (route, status) listed and checks each body against its schema.
+
+def ref(kind, name):
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+BASE64_TEXT = {"type": "string", "contentEncoding": "base64"}
+# The tutorial's profile fields, named so that generated clients have them; others may come.
+PROFILE_TEXT = {name: {"type": "string"} for name in ("firstName", "lastName", "phone")}
+TIMESTAMP = {"type": "integer", "description": "seconds since 1970-01-01 UTC"}
+OPENAPI_SCHEMAS = {
+    "Credentials": {
+        "type": "object", "required": ["username", "password"],
+        "properties": {"username": {"type": "string"},
+                       "password": {**BASE64_TEXT, "description": "the password's UTF-8 "
+                                    "bytes in base64 (btoa() in a browser)"}}},
+    "Registration": {
+        "type": "object", "required": ["username", "password"],
+        "properties": {
+            "username": {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_CHARS,
+                         "description": "any letters; no spaces or control characters"},
+            "password": {**BASE64_TEXT, "description":
+                         f"base64, as for login, of {MIN_PASSWORD_CHARS} to "
+                         f"{MAX_PASSWORD_CHARS} characters; not one of the most common "
+                         f"passwords, not the username; no other rules (NIST SP 800-63B)"},
+            **PROFILE_TEXT},
+        "additionalProperties": {"type": "string", "maxLength": MAX_PROFILE_CHARS,
+                                 "description": "profile fields named like firstName; none "
+                                 "named id or containing password"},
+        "maxProperties": MAX_PROFILE_FIELDS + 2},
+    "RefreshRequest": {
+        "type": "object", "required": ["refreshToken"],
+        "properties": {"refreshToken": {"type": "string"}}},
+    "Login": {
+        "type": "object", "required": ["token", "expiresIn", "refreshToken", "refreshExpiresIn"],
+        "properties": {
+            "token": {"type": "string", "description": "the access token, a JWT (HS256)"},
+            "expiresIn": {"type": "integer", "description": "its lifetime in seconds"},
+            "refreshToken": {"type": "string", "description": "opaque; for /users/refresh "
+                             "and /users/logout"},
+            "refreshExpiresIn": {"type": "integer", "description": "its lifetime in seconds"}}},
+    "User": {
+        "type": "object", "required": ["id", "username"],
+        "properties": {"id": {"type": ["integer", "string"]}, "username": {"type": "string"},
+                       **PROFILE_TEXT},
+        "description": "the user's record without its password fields; the other fields are "
+                       "the profile (firstName, lastName, phone ...)"},
+    "Sessions": {
+        "type": "object", "required": ["sessions"],
+        "properties": {"sessions": {"type": "array", "items": ref("schemas", "Session")}}},
+    "Session": {
+        "type": "object",
+        "required": ["id", "created", "lastUsed", "expires", "address", "userAgent", "current"],
+        "properties": {"id": {"type": "string", "description": "the access token's sid"},
+                       "created": TIMESTAMP, "lastUsed": TIMESTAMP, "expires": TIMESTAMP,
+                       "address": {"type": "string"}, "userAgent": {"type": "string"},
+                       "current": {"type": "boolean", "description": "the session asking"}}},
+    "Message": {
+        "type": "object", "required": ["message"],
+        "properties": {"message": {"type": "string"}}},
+    "NamedError": {
+        "type": "object", "required": ["error", "name", "message"],
+        "properties": {"error": {"enum": [True]}, "name": {"type": "string"},
+                       "message": {"type": "string"}}},
+    "NoToken": {
+        "type": "object", "required": ["error", "message"],
+        "properties": {"error": {"enum": [True]}, "message": {"enum": ["No token provided."]}}},
+    "OpenAPI": {"type": "object", "required": ["openapi", "info", "paths"]},
+}
+OPENAPI_HEADERS = {
+    "Retry-After": {"description": "seconds to wait before trying again",
+                    "schema": {"type": "integer"}},
+    "WWW-Authenticate": {"description": 'Bearer, with error="invalid_token" on a 401 (RFC 6750)',
+                         "schema": {"type": "string"}},
+}
+OPENAPI_SECURITY = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+               "description": "Authorization: Bearer <token>"},
+    "accessToken": {"type": "apiKey", "in": "header", "name": "x-access-token",
+                    "description": "the tutorial's header: x-access-token: <token>"},
+}
+
+# route -> summary, the body's schema (sent as JSON or as a form), and what it answers:
+# status -> (schema name, "html" or None for no body; when; headers sent with it).
+ROUTE_DOCS = {
+    ("POST", "/users/authenticate"): {
+        "summary": "Log in: an access token and a refresh token (a new session)",
+        "body": "Credentials",
+        "responses": {
+            200: ("Login", "logged in"),
+            400: ("Message", "wrong username or password (one answer for both), a password "
+                  "that is not base64, or a malformed body"),
+            429: ("Message", "too many password checks for this username or address",
+                  ["Retry-After"]),
+            503: ("NamedError", "the sessions file cannot be written; no token is issued",
+                  ["Retry-After"])}},
+    ("GET", "/users/getInfo"): {
+        "summary": "The token's user",
+        "responses": {200: ("User", "the user, without password fields")}},
+    ("POST", "/users/refresh"): {
+        "summary": "A new token pair for a refresh token, which is spent (rotation)",
+        "body": "RefreshRequest",
+        "responses": {
+            200: ("Login", "renewed; the old refresh token is spent"),
+            400: ("Message", "no refreshToken, or a malformed body"),
+            401: ("NamedError", "RefreshTokenError: unknown, expired or revoked; "
+                  "RefreshTokenReuseError: already spent, so the session is now revoked"),
+            503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
+    ("POST", "/users/logout"): {
+        "summary": "End the refresh token's session (its access tokens stop working)",
+        "body": "RefreshRequest",
+        "responses": {
+            204: (None, "ended, or already ended"),
+            400: ("Message", "no refreshToken, or a malformed body"),
+            503: ("NamedError", "the sessions file cannot be written", ["Retry-After"])}},
+    ("POST", "/users/logoutAll"): {
+        "summary": "End every session of the token's user",
+        "responses": {204: (None, "all ended")}},
+    ("GET", "/users/sessions"): {
+        "summary": "The token's user's live sessions, the current one marked",
+        "responses": {200: ("Sessions", "oldest first")}},
+    ("POST", "/users/register"): {
+        "summary": "Sign up (only when the server's allowRegistration is on)",
+        "body": "Registration",
+        "responses": {
+            201: ("User", "the new user, as getInfo will show it; log in next"),
+            400: ("Message", "ValidationError: a rule the username, password or a profile "
+                  "field breaks (the message says which); or a malformed body"),
+            409: ("NamedError", "UsernameTakenError: the username is taken"),
+            429: ("Message", "too many attempts from this address (each sign-up counts)",
+                  ["Retry-After"]),
+            503: ("NamedError", "the users file cannot be written", ["Retry-After"])}},
+    ("GET", "/openapi.json"): {
+        "summary": "This document",
+        "responses": {200: ("OpenAPI", "OpenAPI 3.1")}},
+    ("GET", "/"): {
+        "summary": "The login page (test.html)",
+        "responses": {200: ("html", "the page"),
+                      404: ("Message", "test.html is not beside authserver.py")}},
+}
+# What every route of a kind can answer besides its own.
+TOKEN_ANSWERS = {
+    401: ("NamedError", "the token failed verification: JsonWebTokenError (also for a user "
+          "no longer in users.json), TokenExpiredError, NotBeforeError, or SessionRevokedError "
+          "(logged out or revoked)",
+          ["WWW-Authenticate"]),
+    403: ("NoToken", "no token sent", ["WWW-Authenticate"]),
+    503: ("NamedError", "the sessions file cannot be read", ["Retry-After"]),
+}
+POST_ANSWERS = {
+    411: ("Message", "no Content-Length (chunked bodies are refused)"),
+    413: ("Message", "a body larger than the server's maxBodyBytes"),
+}
+BODY_ANSWERS = {415: ("Message", "a Content-Type other than JSON or form")}
+
+OPENAPI_DESCRIPTION = """\
+The API of the Node.js JWT authentication tutorial, with sessions, refresh tokens and sign-up.
+
+Every answer is JSON (the page excepted) and carries `Access-Control-Allow-Origin: *`;
+`OPTIONS` on any path is a CORS preflight (204). Errors have the tutorial's shapes:
+`{"message"}`, or `{"error": true, "name", "message"}` where a client may act on the name.
+
+Before any route runs, a request itself can be refused, whatever its path, with
+`{"message"}`: 400 (bad request line or header), 408 (not sent within the server's
+requestTimeout), 411 (a chunked body), 413, 414 (request line over 8 KiB), 417 (an Expect
+other than 100-continue), 431 (headers over 16 KiB), 501 (unknown method), 505 (HTTP
+version); and 404 / 405 (with `Allow`) for an unknown path or method."""
+
+
+def openapi_document(routes, server_url):
+    """The OpenAPI 3.1 document of routes, as served at server_url."""
+    paths = {}
+    for (method, path), action in routes.items():
+        paths.setdefault(path, {})[method.lower()] = openapi_operation(method, path, action)
+    return {"openapi": "3.1.0",
+            "info": {"title": "authserver", "version": "1.0",
+                     "description": OPENAPI_DESCRIPTION},
+            "servers": [{"url": server_url}],
+            "paths": paths,
+            "components": {"schemas": OPENAPI_SCHEMAS, "headers": OPENAPI_HEADERS,
+                           "securitySchemes": OPENAPI_SECURITY}}
+
+
+def route_answers(method, path):
+    """status -> (schema, when, headers...) for every answer of a route, its own and its kind's."""
+    doc = ROUTE_DOCS[(method, path)]
+    answers = dict(doc["responses"])
+    kinds = [(path not in PUBLIC_PATHS, TOKEN_ANSWERS), (method == "POST", POST_ANSWERS),
+             ("body" in doc, BODY_ANSWERS)]
+    for applies, kind in kinds:
+        for status, answer in kind.items():
+            if applies:
+                answers.setdefault(status, answer)
+    return dict(sorted(answers.items()))
+
+
+def openapi_operation(method, path, action):
+    """One operation: its id (the function's name in camelCase), body, answers, security."""
+    doc = ROUTE_DOCS[(method, path)]
+    first, *rest = action.__name__.split("_")
+    operation = {"operationId": first + "".join(word.title() for word in rest),
+                 "summary": doc["summary"],
+                 "security": ([{"bearer": []}, {"accessToken": []}]
+                              if path not in PUBLIC_PATHS else []),
+                 "responses": {str(status): openapi_response(*answer)
+                               for status, answer in route_answers(method, path).items()}}
+    if "body" in doc:
+        schema = ref("schemas", doc["body"])
+        operation["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {"schema": schema}}}
+    return operation
+
+
+def openapi_response(schema, when, headers=()):
+    """A response object: what it means, its body's media type and schema, its headers."""
+    response = {"description": when}
+    if schema == "html":
+        response["content"] = {"text/html": {"schema": {"type": "string"}}}
+    elif schema is not None:
+        response["content"] = {"application/json": {"schema": ref("schemas", schema)}}
+    if headers:
+        response["headers"] = {name: ref("headers", name) for name in headers}
+    return response
 
 
 # ---------------------------------------------------------------------------
@@ -1540,6 +1943,7 @@ KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TR
 TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+HOST_HEADER = re.compile(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 
 
 class ClientGone(ConnectionError):
@@ -1556,9 +1960,13 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     # response in one piece anyway; this makes sure nothing waits.
     disable_nagle_algorithm = True
 
+    speaks_plain_http = False          # set when plain HTTP arrives on the HTTPS port
+
     def setup(self):
         """Wrap in TLS here, in the connection's own thread, not in the accept loop."""
-        if self.server.tls_context is not None:
+        if self.server.tls_context is not None and self.sends_plain_http():
+            self.speaks_plain_http = True
+        elif self.server.tls_context is not None:
             self.request = self.server.tls_context.wrap_socket(
                 self.request, server_side=True, do_handshake_on_connect=False)
             self.server.watch(self.request)
@@ -1571,12 +1979,50 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.server.unwatch(self.request)
         super().setup()
 
+    def sends_plain_http(self):
+        """Peek at the first byte: a TLS handshake starts with 0x16, an HTTP method with A-Z."""
+        self.server.watch(self.request)             # a client that sends nothing is cut off
+        try:
+            first = self.request.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return False                            # the handshake will fail and say why
+        finally:
+            self.server.unwatch(self.request)
+        return first.isalpha() and first.isupper()
+
     def finish(self):
         """Always run, even after an error: forget the connection, close TLS."""
         self.server.unwatch(self.connection)
         super().finish()
         if self.server.tls_context is not None:
             self.request.close()    # socketserver closes only the plain socket TLS took over
+
+    def handle(self):
+        """Requests until the connection closes; on the HTTPS port, plain HTTP gets a hint."""
+        if self.speaks_plain_http:
+            self.answer_plain_http()
+        else:
+            super().handle()
+
+    def answer_plain_http(self):
+        """400 in plain HTTP, which a browser or curl shows, instead of a silent close."""
+        self.command, self.route_path = "-", "-"
+        self.server.watch(self.connection)
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        self.started = time.perf_counter()
+        try:
+            self.read_request(line)         # read it all: closing on unread bytes resets
+        except (HTTPError, ClientGone):
+            pass
+        finally:
+            self.server.unwatch(self.connection)
+        host = getattr(self, "headers", {}).get("host", "")
+        if not HOST_HEADER.fullmatch(host):
+            address, port = self.server.server_address[:2]
+            host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        path = self.route_path if self.route_path.startswith("/") else "/"
+        self.close_connection = True
+        self.send(Response(400, {"message": f"This port speaks HTTPS: use https://{host}{path}"}))
 
     def handle_one_request(self):
         """Wait for a request; from its first byte on, it is in flight until answered."""
@@ -1687,7 +2133,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         length = int(digits)
         expect = self.headers.get("expect", "").lower()
         if expect == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.write_in_time(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.server.watch(self.connection)      # the body, within requestTimeout from now
         elif expect:
             raise HTTPError(417, "Only Expect: 100-continue is understood")
         body = self.rfile.read(length)
@@ -1726,7 +2173,23 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         head = "".join(lines).encode("latin-1")
         # Log first, so the line is written by the time the client has its answer.
         self.server.log_request(self, status, now)
-        self.wfile.write(head if self.command == "HEAD" or status == 204 else head + payload)
+        self.write_in_time(head if self.command == "HEAD" or status == 204 else head + payload)
+
+    def write_in_time(self, data):
+        """Write data within requestTimeout, or fail: a client that does not read holds no thread.
+
+        A socket timeout would not do: it restarts whenever the client reads a byte.
+        """
+        server = self.server
+        server.watch(self.connection, socket.SHUT_RDWR)
+        try:
+            self.wfile.write(data)
+        except OSError:
+            if server.overdue(self.connection):
+                raise ClientGone("response not taken in time") from None
+            raise
+        finally:
+            server.unwatch(self.connection)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors, made JSON like all of ours."""
@@ -1759,8 +2222,72 @@ class InFlight:
             return self.changed.wait_for(lambda: self.count == 0, timeout)
 
 
+class ConnectionSlots:
+    """Connections open now, in all and per client address, within the two caps."""
+
+    def __init__(self, most, most_per_address):
+        self.most, self.most_per_address = most, most_per_address
+        self.total = 0
+        self.per_address = {}            # only addresses with a connection open: bounded
+        self.lock = threading.Lock()
+
+    def take(self, address):
+        """A slot for a new connection from address: None if taken, else why not."""
+        with self.lock:
+            if self.total >= self.most:
+                return "Server busy: too many connections; try again in a moment"
+            if self.per_address.get(address, 0) >= self.most_per_address:
+                return "Too many connections from your address; try again in a moment"
+            self.total += 1
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+            return None
+
+    def release(self, address):
+        with self.lock:
+            self.total -= 1
+            left = self.per_address.pop(address) - 1
+            if left:
+                self.per_address[address] = left
+
+
+# What a connection beyond a cap gets, written whole by the accept loop itself. Retry-After
+# is short because slots free up fast: every connection's reads and writes are timed.
+BUSY_RETRY_SECONDS = 1
+# accept() failing for want of a resource (files, buffers, memory): the listening socket
+# stays readable, so retrying at once would spin. These back off instead.
+ACCEPT_SHORTAGES = {getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+                    if hasattr(errno, name)}
+ACCEPT_BACKOFF_SECONDS = (0.01, 0.5)        # first wait, longest wait (doubling between)
+# Open files kept for all but connections: the listening socket, the log, the users file...
+SPARE_FILES = 64
+
+
+def connections_files_allow(wanted, log):
+    """wanted, or fewer if the open-file limit (ulimit -n) is too low and cannot be raised.
+
+    Running out of files first would leave new clients waiting in the listen backlog for
+    an idle connection to time out; a cap that fits answers them 503 at once.
+    """
+    if resource is None:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    try:                            # a process may raise its own soft limit up to the hard one
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    except (ValueError, OSError):
+        pass
+    fitting = max(soft - SPARE_FILES, 1)
+    if fitting < wanted:
+        log(f"open files limited to {soft} (ulimit -n): at most {fitting} connections")
+    return min(wanted, fitting)
+
+
 class AuthServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, plus one watchman that cuts off slow clients."""
+    """A thread per connection, within caps, plus one watchman that cuts off slow clients."""
 
     daemon_threads = True
     request_queue_size = 1024       # the default of 5 drops connections in a burst
@@ -1769,6 +2296,8 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
+        self.routes = enabled_routes(config)
+        self.public_paths = PUBLIC_PATHS & {path for _, path in self.routes}
         self.limiter = LoginLimiter({"user": config["loginAttempts"],
                                      "address": config["addressLoginAttempts"]},
                                     config["loginWindow"])
@@ -1777,7 +2306,10 @@ class AuthServer(http.server.ThreadingHTTPServer):
         self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
-        self.deadlines = {}
+        self.deadlines = {}              # connection -> (monotonic deadline, how to cut it)
+        most = connections_files_allow(config["maxConnections"], self.log)
+        self.connections = ConnectionSlots(most, config["maxConnectionsPerAddress"])
+        self.accept_backoff = 0.0        # seconds to wait after accept() fails for want of files
         self.in_flight = InFlight()
         self.stopping = False
         self.stopped = threading.Event()
@@ -1796,35 +2328,116 @@ class AuthServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    # -- accepting, within the caps -----------------------------------------------
+
+    def get_request(self):
+        """accept(); when the system runs out of files or memory, wait a little, say it once."""
+        try:
+            accepted = super().get_request()
+        except OSError as error:
+            if error.errno not in ACCEPT_SHORTAGES:
+                raise                       # e.g. a client gone before accept: nothing to wait for
+            first, longest = ACCEPT_BACKOFF_SECONDS
+            if not self.accept_backoff:
+                self.log(f"cannot accept connections ({error.strerror or error}); "
+                         f"waiting until some close")
+            self.accept_backoff = min(self.accept_backoff * 2 or first, longest)
+            time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return accepted
+
+    def process_request(self, request, client_address):
+        """Give the connection a thread if a slot is free; else a 503 and close.
+
+        This replaces ThreadingMixIn's: its threads are daemons, which it does not keep
+        (Python 3.9-3.13 alike), and stop() waits for requests in flight, not for threads.
+        """
+        address = client_address[0]
+        refusal = self.connections.take(address)
+        if refusal is not None:
+            self.refuse_connection(request, refusal)
+            return
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as error:           # "can't start new thread"
+            self.connections.release(address)
+            self.log(f"{address} connection refused: {error}")
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        """The connection's thread; however it ends, its slot is given back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(client_address[0])
+
+    def refuse_connection(self, request, message):
+        """A 503 in one non-blocking send, then close: the accept loop never waits on a client.
+
+        On an HTTPS port the client expects a TLS handshake first, which would take time
+        here, so it is simply closed.
+        """
+        if self.tls_context is None:
+            body = json_bytes({"message": message})
+            head = (f"{STATUS_LINES[503]}Date: {http_date(int(time.time()))}\r\n"
+                    f"Server: {AuthRequestHandler.server_version}\r\n{COMMON_HEADERS}"
+                    f"Content-Type: application/json; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_SECONDS}\r\n"
+                    f"Connection: close\r\n\r\n")
+            try:
+                request.setblocking(False)
+                request.send(head.encode("latin-1") + body)
+                request.shutdown(socket.SHUT_WR)
+                request.recv(65536)          # what the client sent already: closing on
+            except OSError:                  # unread bytes would reset the connection
+                pass
+        self.shutdown_request(request)
+
     # -- slow clients ---------------------------------------------------------
 
-    def watch(self, connection):
-        """The client has requestTimeout seconds to send the next request, whole."""
-        self.deadlines[connection] = time.monotonic() + self.config["requestTimeout"]
+    def watch(self, connection, cut=socket.SHUT_RD):
+        """The client has requestTimeout seconds to send the next request, whole.
+
+        Also used for writing, with cut=SHUT_RDWR: then the client has as long to take
+        in a whole response, and a write it leaves blocked fails when that time is up.
+        """
+        self.deadlines[connection] = (time.monotonic() + self.config["requestTimeout"], cut)
 
     def unwatch(self, connection):
         self.deadlines.pop(connection, None)
 
     def overdue(self, connection):
-        deadline = self.deadlines.get(connection)
+        deadline, _ = self.deadlines.get(connection, (None, None))
         return deadline is not None and time.monotonic() >= deadline
 
     def cut_off_slow_clients(self):
-        """Shut the reading side of connections past their deadline.
+        """Shut connections past their deadline; between times, look at the users file.
 
         A per-read socket timeout is not enough: a client sending one byte every few
         seconds (slowloris) never trips it. Shutting down the read side wakes the
-        handler's blocked read with end-of-file; it then answers 408 and closes.
+        handler's blocked read with end-of-file; it then answers 408 and closes. A
+        client that does not read its answers is shut both ways: the blocked write fails.
         """
         interval = min(0.25, self.config["requestTimeout"] / 4) or 0.05
         while not self.stopped.wait(interval):
             now = time.monotonic()
-            for connection, deadline in list(self.deadlines.items()):
+            for connection, (deadline, cut) in list(self.deadlines.items()):
                 if deadline <= now:
                     try:
-                        socket.socket.shutdown(connection, socket.SHUT_RD)
+                        socket.socket.shutdown(connection, cut)
                     except OSError:
                         pass
+            self.notice_users_file()
+
+    def notice_users_file(self):
+        """An idle server notices an edited users file too (refresh checks once a second)."""
+        try:
+            self.users.refresh()
+        except Exception:                # the watchman must live on: our bug, logged
+            self.log(f"error checking the users file:\n{traceback.format_exc()}")
 
     # -- logging ------------------------------------------------------------------
 

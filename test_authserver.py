@@ -5,6 +5,7 @@ Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 """
 
 import base64
+import errno
 import hashlib
 import hmac
 import http
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 from unittest import mock
@@ -810,7 +812,7 @@ class TestHostileHTTP(SharedServerCase):
             self.assertEqual(read_response(sock)[0], 200)
 
     def test_unexpected_exception_is_a_json_500_and_the_server_lives(self):
-        with mock.patch.dict(authserver.ROUTES, {("GET", "/"): lambda request: 1 / 0}):
+        with mock.patch.dict(self.server.routes, {("GET", "/"): lambda request: 1 / 0}):
             status, _, body = raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual((status, json.loads(body)), (500, {"message": "Internal Server Error"}))
         self.assertIn("ZeroDivisionError", self.server.test_log.getvalue())
@@ -820,6 +822,7 @@ class TestHostileHTTP(SharedServerCase):
         # http.server's own error path, kept as a safety net: JSON like every other answer.
         handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
         handler.server, handler.wfile = self.server, io.BytesIO()
+        handler.connection = None           # no socket for the watchman to time the write on
         handler.command, handler.route_path, handler.request_version = "GET", "/", "HTTP/1.1"
         handler.client_address, handler.started = ("127.0.0.1", 1), time.perf_counter()
         handler.send_error(414)
@@ -929,7 +932,7 @@ class TestConnections(unittest.TestCase):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
 
     def test_slow_and_idle_clients_do_not_block_others_and_are_cut_off(self):
-        server = start_server(self, requestTimeout=1)
+        server = start_server(self, requestTimeout=1, maxConnectionsPerAddress=1000)
         port = server.server_address[1]
         stalled, idle = [], []
         try:
@@ -1446,6 +1449,20 @@ class TestUsersFileWriters(unittest.TestCase):
         self.assertEqual(list(files.folder.glob(".users.json.*")), [])
         self.assertNotIn("ghost", files.users.read_text())
 
+    def test_ids_do_not_run_out_when_every_five_digit_one_is_taken(self):
+        files = Files(self)
+        users = [{"id": 10000 + number, "username": f"u{number}"} for number in range(90000)]
+        added = []
+        with mock.patch.object(authserver, "read_users_list", return_value=users), \
+                mock.patch.object(authserver, "save_users"):
+            # In a thread: drawing only five-digit ids would look for a free one for ever.
+            worker = threading.Thread(target=lambda: added.append(
+                authserver.add_user_record(files.users, "newcomer", "hash", {})), daemon=True)
+            worker.start()
+            worker.join(timeout=20)
+        self.assertEqual(len(added), 1, "no free id found")
+        self.assertNotIn(added[0]["id"], range(10000, 100000))
+
     def test_two_servers_started_together_share_one_secret(self):
         files = Files(self, secret="")
         barrier = threading.Barrier(8)
@@ -1698,7 +1715,8 @@ class TestCliUsernames(unittest.TestCase):
 
     ALLOWED = ["test", "ncuser", "café", "山田", "o'brien", "user@example.org", "x" * 64]
     REFUSED = ["", " ", "a b", " lead", "trail ", "a\tb", "a\nb", "a\x00b", "a\x7f", "a\x85b",
-               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65]
+               "a\u00a0b", "a\u2028b", "a\u3000b", "\udcff", "x" * 65,
+               "ad\u200bmin", "\u202eadmin", "a\ufeffb", "a\ue000b", "a\U000e0001b"]
 
     def test_the_rule(self):
         for name in self.ALLOWED:
@@ -2252,6 +2270,661 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertFalse(tab.evaluate("Object.keys(localStorage).length"))
 
 
+class LifecycleStub(http.server.ThreadingHTTPServer):
+    """Stands in for issue 11's refresh / logout routes (as specified) until the server has them."""
+
+    def __init__(self, test):
+        super().__init__(("127.0.0.1", 0), LifecycleStubHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.bodies, self.bearer = {}, []
+        self.refresh_number, self.revoked = 1, False
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        test.addCleanup(thread.join)
+        test.addCleanup(self.server_close)
+        test.addCleanup(self.shutdown)
+
+    @staticmethod
+    def refresh_token(number):
+        return f"refresh-{number}-{'0123456789abcdef' * 2}"   # opaque, as long as a real one
+
+    def current_refresh_token(self):
+        return self.refresh_token(self.refresh_number)
+
+    def pair(self):
+        return {"token": token_for(jti=str(self.refresh_number)), "expiresIn": 3600,
+                "refreshToken": self.current_refresh_token(), "refreshExpiresIn": 1209600}
+
+
+class LifecycleStubHandler(http.server.BaseHTTPRequestHandler):
+
+    def answer(self, status, body=None):
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "authorization, content-type")
+        self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        if body is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_OPTIONS(self):
+        self.answer(204)
+
+    def do_GET(self):
+        self.server.bearer.append(self.headers.get("Authorization", "").partition(" ")[2])
+        if self.server.revoked:
+            self.answer(401, {"error": True, "name": "JsonWebTokenError",
+                              "message": "session revoked"})
+        else:
+            self.answer(200, {"id": 81623, "username": "test"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.setdefault(self.path, []).append(body)
+        stub = self.server
+        if self.path == "/users/authenticate":
+            self.answer(200, stub.pair())
+        elif (self.path == "/users/refresh"
+              and body.get("refreshToken") == stub.current_refresh_token()):
+            stub.refresh_number += 1
+            self.answer(200, stub.pair())
+        elif self.path == "/users/logout":
+            stub.revoked = True
+            self.answer(204)
+        else:
+            self.answer(401, {"error": True, "name": "RefreshTokenError",
+                              "message": "refresh token spent"})
+
+    def log_message(self, *args):
+        pass
+
+
+
+# ---------------------------------------------------------------------------
+# Sign-up: POST /users/register
+# ---------------------------------------------------------------------------
+
+class ClassScope:
+    """Lets Files and start_server, which clean up after a test, serve a whole class."""
+
+    def __init__(self, cls):
+        self.addCleanup = cls.addClassCleanup
+
+
+def exchange(server, method, path, body=None, headers=None, content_type="application/json"):
+    """One request on a new connection: (status, headers with lower-case names, raw body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if body is not None:
+            headers = {"Content-Type": content_type, **(headers or {})}
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, data
+    finally:
+        connection.close()
+
+
+def signup_body(username, password="correct horse", **fields):
+    return {"username": username, "password": b64(password), **fields}
+
+
+class TestSignup(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.shipped_users = (HERE / "users.json").read_bytes()
+        cls.files = Files(ClassScope(cls), allowRegistration=True, addressLoginAttempts=1000,
+                          passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(ClassScope(cls), cls.files)
+
+    @classmethod
+    def tearDownClass(cls):
+        assert (HERE / "users.json").read_bytes() == cls.shipped_users, "shipped users.json changed"
+
+    def register(self, body, server=None, **options):
+        status, headers, data = exchange(server or self.server, "POST", "/users/register",
+                                         body, **options)
+        return status, headers, json.loads(data) if data else None
+
+    def stored(self, username, files=None):
+        users = json.loads((files or self.files).users.read_text(encoding="utf-8"))
+        return [user for user in users if user["username"] == username]
+
+    def test_201_with_the_public_record_then_login_and_getinfo_at_once(self):
+        status, headers, body = self.register(signup_body("zoë", firstName="Zoë", phone="555"))
+        self.assertEqual(status, 201, body)
+        self.assertEqual(list(body), ["id", "username", "firstName", "phone"])
+        self.assertEqual({**body, "id": 0}, {"id": 0, "username": "zoë", "firstName": "Zoë",
+                                             "phone": "555"})
+        self.assertIs(type(body["id"]), int)
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        [record] = self.stored("zoë")
+        self.assertEqual(record["id"], body["id"])
+        self.assertTrue(record["passwordHash"].startswith(f"pbkdf2_sha256${FAST_ITERATIONS}$"))
+        self.assertTrue(verify_password("correct horse", record["passwordHash"]))
+        # The store re-reads the file at most once a second; the new user is there at once.
+        status, _, login = exchange(self.server, "POST", "/users/authenticate",
+                                    login_body("zoë", "correct horse"))
+        self.assertEqual(status, 200, login)
+        token = json.loads(login)["token"]
+        status, _, info = exchange(self.server, "GET", "/users/getInfo",
+                                   headers={"Authorization": f"Bearer {token}"})
+        self.assertEqual((status, json.loads(info)), (200, body))
+
+    def test_form_body_like_login(self):
+        form = urllib.parse.urlencode({"username": "formuser", "password": b64("form body ok"),
+                                       "lastName": "Form"})
+        status, _, body = self.register(form, content_type="application/x-www-form-urlencoded")
+        self.assertEqual((status, body["username"], body["lastName"]), (201, "formuser", "Form"))
+
+    def test_taken_is_409_also_when_the_server_has_not_seen_the_file_change(self):
+        expected = {"error": True, "name": "UsernameTakenError",
+                    "message": "username 'test' is taken"}
+        self.assertEqual(self.register(signup_body("test"))[::2], (409, expected))
+        self.assertEqual(self.register(signup_body("twice"))[0], 201)
+        self.assertEqual(self.register(signup_body("twice", "another password"))[0], 409)
+        # Another process (adduser) adds a name; the server's copy is up to a second old,
+        # so the locked write is what finds it taken.
+        self.server.users.next_check = time.monotonic() + 3600
+        self.addCleanup(setattr, self.server.users, "next_check", 0.0)
+        authserver.add_user_record(self.files.users, "fromcli", hash_password("x", 1000), {})
+        status, _, body = self.register(signup_body("fromcli"))
+        self.assertEqual((status, body["name"]), (409, "UsernameTakenError"))
+        self.assertEqual(len(self.stored("fromcli")), 1)
+
+    def test_password_rules(self):
+        """NIST SP 800-63B: length in characters, a few common ones refused, nothing else."""
+        table = [
+            ("seven77", "password must be at least 8 characters"),
+            ("ü" * 7, "password must be at least 8 characters"),     # 14 bytes, 7 characters
+            ("x" * 257, "password must be at most 256 characters"),
+            ("Password1", "password is one of the most common passwords; choose another"),
+            ("12345678", "password is one of the most common passwords; choose another"),
+            ("PW-rules-user", "password must not be the username"),
+        ]
+        for password, message in table:
+            with self.subTest(password=password[:20]):
+                status, _, body = self.register(signup_body("pw-rules-user", password))
+                self.assertEqual((status, body), (400, {"error": True, "name": "ValidationError",
+                                                        "message": message}))
+        not_base64 = {"username": "pw-rules-user", "password": "not base64!"}
+        self.assertEqual(self.register(not_base64)[2]["message"],
+                         "password must be base64, as for login")
+        self.assertEqual(self.stored("pw-rules-user"), [])
+        # No composition rules: any 8 characters, all one letter or all non-ASCII, will do.
+        for number, password in enumerate(["aaaaaaaa", "ü" * 8, "x" * 256, "tr0ub4d&"]):
+            with self.subTest(password=password[:20]):
+                self.assertEqual(self.register(signup_body(f"pw-ok-{number}", password))[0], 201)
+                self.assertEqual(exchange(self.server, "POST", "/users/authenticate",
+                                          login_body(f"pw-ok-{number}", password))[0], 200)
+
+    def test_username_rules(self):
+        # The rule is check_username's, the one users.json and adduser obey.
+        table = [("", "a username must be non-empty text, not ''"),
+                 ("x" * 65, "username 'xxxxxxxxxxxxxxxxxxxx'... is longer than 64 characters")]
+        table += [(name, f"username {name!r} contains whitespace or a control character")
+                  for name in (" lead", "with space", "tab\there", "bell\x07", "no\u00a0break",
+                               "line\u2028sep")]
+        for username, message in table:
+            with self.subTest(username=username):
+                status, _, body = self.register(signup_body(username))
+                self.assertEqual((status, body), (400, {"error": True, "name": "ValidationError",
+                                                        "message": f"sign-up: {message}"}))
+        self.assertEqual(self.register(signup_body("nul\x00"))[::2], (400, {
+            "message": "username and password must not contain NUL characters"}))
+        for username in ["y" * 64, "名前", "café-au-lait", "o'brien"]:
+            with self.subTest(username=username):
+                self.assertEqual(self.register(signup_body(username))[0], 201)
+
+    def test_wrong_types_and_fields_are_400(self):
+        text = "must be text of at most 200 printable characters"
+        ours = ("is not accepted: profile fields are named like firstName, and id and password "
+                "fields are the server's")
+        strings = "username and password must be strings"
+        table = [
+            ({"username": 5, "password": b64("correct horse")}, strings),
+            ({"username": "types", "password": ["x"]}, strings),
+            ({"username": "types"}, "username and password are required"),
+            (signup_body("types", age=30), f"age {text}"),
+            (signup_body("types", tags=["a"]), f"tags {text}"),
+            (signup_body("types", address={"city": "x"}), f"address {text}"),
+            (signup_body("types", note="x" * 201), f"note {text}"),
+            (signup_body("types", note="two\nlines"), f"note {text}"),
+            (signup_body("types", id="1"), f"field 'id' {ours}"),
+            (signup_body("types", passwordHash="pbkdf2_sha256$1$a$b"), f"field 'passwordHash' {ours}"),
+            (signup_body("types", **{"first name": "x"}), f"field 'first name' {ours}"),
+            (signup_body("types", **{f"f{n}": "x" for n in range(11)}), "at most 10 profile fields"),
+        ]
+        for body, message in table:
+            with self.subTest(body=body):
+                status, _, answer = self.register(body)
+                self.assertEqual(status, 400)
+                self.assertEqual(answer["message"], message)
+        self.assertEqual(self.register([1, 2])[::2],
+                         (400, {"message": "Malformed body: not a JSON object"}))
+        self.assertEqual(self.register("{", content_type="application/json")[0], 400)
+        self.assertEqual(self.register("x", content_type="text/plain")[0], 415)
+        self.assertEqual(self.stored("types"), [])
+        ten = signup_body("types", **{f"f{n}": "x" * 200 for n in range(10)})
+        self.assertEqual(self.register(ten)[0], 201)
+
+    def test_twenty_at_once_all_land(self):
+        barrier = threading.Barrier(20)
+        results = {}
+
+        def sign_up(number):
+            barrier.wait(timeout=30)
+            body = signup_body(f"crowd{number}", f"crowd password {number}")
+            results[number] = self.register(body)[0]
+        threads = [threading.Thread(target=sign_up, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(results, {n: 201 for n in range(20)})
+        users = json.loads(self.files.users.read_text(encoding="utf-8"))
+        crowd = [user for user in users if user["username"].startswith("crowd")]
+        self.assertEqual(sorted(user["username"] for user in crowd),
+                         sorted(f"crowd{n}" for n in range(20)))
+        self.assertEqual(len({user["id"] for user in users}), len(users))
+        for number in range(20):            # each one in the server's tables already
+            self.assertIsNotNone(self.server.users.tables[0].get(f"crowd{number}"))
+
+    def test_same_name_at_once_exactly_one_wins(self):
+        barrier = threading.Barrier(10)
+        statuses = []
+
+        def sign_up(number):
+            barrier.wait(timeout=30)
+            statuses.append(self.register(signup_body("contested", f"password number {number}"))[0])
+        threads = [threading.Thread(target=sign_up, args=(n,)) for n in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(sorted(statuses), [201] + [409] * 9)
+        self.assertEqual(len(self.stored("contested")), 1)
+
+    def test_a_slow_older_reload_cannot_undo_a_newer_one(self):
+        """Sign-up reloads after its write; a reload that read the file before must not win."""
+        files = Files(self)
+        store = authserver.UserStore(files.users)
+        has_read, go, waiting = threading.Event(), threading.Event(), threading.Event()
+        original_read = store.read
+
+        def read():                             # the older reload stops after reading
+            tables = original_read()
+            if threading.current_thread() is older:
+                has_read.set()
+                go.wait(timeout=30)
+            return tables
+        store.read = read
+
+        class Watched:                          # says when the newer reload waits its turn
+            def __init__(self, lock):
+                self.lock = lock
+
+            def __enter__(self):
+                if threading.current_thread() is newer:
+                    waiting.set()
+                return self.lock.__enter__()
+
+            def __exit__(self, *exc_info):
+                return self.lock.__exit__(*exc_info)
+        store.reloading = Watched(store.reloading)
+        authserver.save_users(files.users, TEST_USERS[:1])
+        older = threading.Thread(target=store.refresh, kwargs={"force": True})
+        newer = threading.Thread(target=store.refresh, kwargs={"force": True})
+        older.start()
+        self.assertTrue(has_read.wait(timeout=30))
+        deadline = time.monotonic() + 30
+        authserver.save_users(files.users, TEST_USERS[:1] + [make_user(9, "late", "x")])
+        newer.start()
+        while not (waiting.is_set() or not newer.is_alive()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        go.set()
+        older.join(timeout=30)
+        newer.join(timeout=30)
+        self.assertIn("late", store.tables[0])
+
+    def test_off_by_default_it_is_an_unknown_path(self):
+        server = start_server(self)             # no allowRegistration in its config
+        before = server.users.path.read_bytes()
+        token = {"Authorization": f"Bearer {token_for()}"}
+        for method, body, headers in [("POST", signup_body("ghost"), None),
+                                      ("POST", signup_body("ghost"), token),
+                                      ("GET", None, token), ("OPTIONS", None, None)]:
+            with self.subTest(method=method, token=bool(headers)):
+                off = exchange(server, method, "/users/register", body, headers)
+                unknown = exchange(server, method, "/users/nosuchroute", body, headers)
+                self.assertEqual(off[0], unknown[0])
+                self.assertEqual(off[2].replace(b"/users/register", b"/users/nosuchroute"),
+                                 unknown[2])
+                for name in ("allow", "www-authenticate", "content-type"):
+                    self.assertEqual(off[1].get(name), unknown[1].get(name))
+        self.assertEqual(exchange(server, "POST", "/users/register", signup_body("ghost"))[0], 403)
+        self.assertEqual(exchange(server, "POST", "/users/register", signup_body("ghost"), token)[0],
+                         404)
+        self.assertEqual(server.users.path.read_bytes(), before)
+        document = json.loads(exchange(server, "GET", "/openapi.json")[2])
+        self.assertNotIn("/users/register", document["paths"])
+        # On, it is a route like the others: public, POST only.
+        self.assertEqual(exchange(self.server, "OPTIONS", "/users/register")[1]["allow"],
+                         "POST, OPTIONS")
+        self.assertEqual(exchange(self.server, "GET", "/users/register")[:2][0], 405)
+
+    def test_allow_registration_must_be_a_boolean(self):
+        for value in ("yes", 1, None):
+            files = Files(self, allowRegistration=value)
+            with self.subTest(value=value), self.assertRaises(authserver.ConfigError) as caught:
+                authserver.load_config(files.config)
+            self.assertEqual(str(caught.exception),
+                             f"config file {files.config}: allowRegistration must be true or false")
+
+    def test_every_attempt_counts_against_the_address(self):
+        files = Files(self, allowRegistration=True, addressLoginAttempts=3,
+                      passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        self.assertEqual(self.register(signup_body("probe1"), server)[0], 201)
+        self.assertEqual(self.register(signup_body("test"), server)[0], 409)       # a probe
+        self.assertEqual(self.register(signup_body("bad name"), server)[0], 400)
+        status, headers, body = self.register(signup_body("probe2"), server)
+        self.assertEqual(status, 429)
+        self.assertTrue(1 <= int(headers["retry-after"]) <= 60, headers)
+        self.assertEqual(body, {"message": f"Too many attempts from this address; try again in "
+                                           f"{headers['retry-after']} seconds"})
+        self.assertEqual(self.stored("probe2", files), [])
+        # The budget is the address's, shared with logins: probing by login is no way round.
+        self.assertEqual(exchange(server, "POST", "/users/authenticate", login_body())[0], 429)
+
+    def test_a_users_file_that_cannot_be_written_is_503_and_left_as_it_was(self):
+        files = Files(self, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        expected = {"error": True, "name": "UsersFileError",
+                    "message": "Sign-up is unavailable right now; try again shortly"}
+        with mock.patch("os.fsync", side_effect=OSError(28, "No space left on device")):
+            status, headers, body = self.register(signup_body("diskfull"), server)
+        self.assertEqual((status, headers["retry-after"], body), (503, "5", expected))
+        self.assertEqual(self.stored("diskfull", files), [])
+        self.assertEqual(sorted(path.name for path in files.folder.glob(".users.json.*")), [])
+        files.users.write_text("[{broken")
+        status, _, body = self.register(signup_body("broken"), server)
+        self.assertEqual((status, body), (503, expected))
+        self.assertEqual(files.users.read_text(), "[{broken")
+        self.assertIn("sign-up of 'broken' not saved", server.test_log.getvalue())
+
+
+
+# ---------------------------------------------------------------------------
+# GET /openapi.json: a document that is true of the live server
+# ---------------------------------------------------------------------------
+
+JSON_TYPES = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: type(v) is int, "null": lambda v: v is None,
+              "number": lambda v: type(v) in (int, float)}
+# The JSON Schema keywords the checker understands; any other in a response schema is an
+# error, so the document cannot promise what no test checks.
+SCHEMA_KEYWORDS = {"$ref", "type", "required", "properties", "enum", "items", "description"}
+
+
+def schema_errors(schema, value, document, where="body"):
+    """What in value breaks schema (a subset of JSON Schema): a list of texts, [] if none."""
+    unknown = set(schema) - SCHEMA_KEYWORDS
+    if unknown:
+        raise AssertionError(f"{where}: the checker does not know {sorted(unknown)}")
+    if "$ref" in schema:
+        target = document
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return schema_errors(target, value, document, where)
+    if "type" in schema:
+        types = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+        if not any(JSON_TYPES[name](value) for name in types):
+            return [f"{where}: {value!r} is not of type {schema['type']}"]
+    errors = []
+    if "enum" in schema and not any(type(value) is type(option) and value == option
+                                    for option in schema["enum"]):
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, dict):
+        errors += [f"{where}: {name!r} is missing" for name in schema.get("required", ())
+                   if name not in value]
+        for name, subschema in schema.get("properties", {}).items():
+            if name in value:
+                errors += schema_errors(subschema, value[name], document, f"{where}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            errors += schema_errors(schema["items"], item, document, f"{where}[{index}]")
+    return errors
+
+
+def documented_pairs(document):
+    """Every (method, path, status) the document says the server answers."""
+    return {(method.upper(), path, int(status))
+            for path, operations in document["paths"].items()
+            for method, operation in operations.items()
+            for status in operation["responses"]}
+
+
+class TestOpenAPISchemaChecker(unittest.TestCase):
+    """The checker the walk relies on must itself find what is wrong."""
+
+    DOCUMENT = {"components": {"schemas": {"Point": {
+        "type": "object", "required": ["x", "tag"],
+        "properties": {"x": {"type": "integer"}, "tag": {"enum": ["a", True]},
+                       "list": {"type": "array", "items": {"type": ["string", "null"]}}}}}}}
+
+    def test_table(self):
+        point = {"$ref": "#/components/schemas/Point"}
+        table = [({"x": 1, "tag": "a"}, 0), ({"x": 1, "tag": True, "list": ["s", None]}, 0),
+                 ({"x": True, "tag": "a"}, 1), ({"x": 1.0, "tag": "a"}, 1), ({"tag": "a"}, 1),
+                 ({"x": 1, "tag": 1}, 1), ({"x": 1, "tag": "b"}, 1), ([], 1), ("x", 1),
+                 ({"x": 1, "tag": "a", "list": [1, "s", {}]}, 2), ({}, 2)]
+        for value, count in table:
+            with self.subTest(value=value):
+                self.assertEqual(len(schema_errors(point, value, self.DOCUMENT)), count)
+
+    def test_unknown_keywords_are_refused(self):
+        with self.assertRaises(AssertionError):
+            schema_errors({"type": "string", "maxLength": 3}, "abcd", {})
+
+
+class TestOpenAPI(unittest.TestCase):
+    """The document lists every route, and a walk through the live server proves each answer."""
+
+    @classmethod
+    def setUpClass(cls):
+        scope = ClassScope(cls)
+        cls.files = Files(scope, allowRegistration=True, loginAttempts=2,
+                          addressLoginAttempts=1000, passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(scope, cls.files)
+        cls.limited = start_server(scope, Files(scope, allowRegistration=True,
+                                                addressLoginAttempts=1,
+                                                passwordIterations=FAST_ITERATIONS))
+        # A server whose files have failed: its sessions database closed under it, its
+        # users.json no longer JSON (it keeps the users it had loaded).
+        cls.broken_files = Files(scope, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
+        cls.broken = start_server(scope, cls.broken_files)
+        cls.broken.sessions.close()
+        cls.broken_files.users.write_text("[{broken")
+        status, headers, data = exchange(cls.server, "GET", "/openapi.json")
+        assert status == 200, data
+        cls.document = json.loads(data)
+
+    # -- the walk: one way to make the server give each documented answer ---------------
+
+    def call(self, method, path, body=None, headers=None, server=None, **options):
+        return exchange(server or self.server, method, path, body, headers, **options)
+
+    def login(self, username="test", password="test"):
+        answer = self.call("POST", "/users/authenticate", login_body(username, password))
+        return json.loads(answer[2])
+
+    # Ways to get an answer that a body and headers alone do not give; each takes the
+    # method and the path, and returns what exchange returns.
+
+    def without_length(self, method, path):
+        return raw_exchange(self.server, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    def too_large(self, method, path):
+        length = self.server.config["maxBodyBytes"] + 1
+        return raw_exchange(self.server, f"{method} {path} HTTP/1.1\r\nContent-Length: "
+                                         f"{length}\r\n\r\n".encode())
+
+    def text_body(self, method, path):
+        return self.call(method, path, "hello", content_type="text/plain")
+
+    def locked_out(self, method, path):         # loginAttempts is 2 on this server
+        for _ in range(2):
+            self.call(method, path, login_body("ncuser", "wrong"))
+        return self.call(method, path, login_body("ncuser", "wrong"))
+
+    def refreshed(self, method, path):
+        return self.call(method, path, {"refreshToken": self.login()["refreshToken"]})
+
+    def logged_in(self, method, path):
+        token = self.login()["token"]
+        return self.call(method, path, b"" if method == "POST" else None,
+                         {"Authorization": f"Bearer {token}"})
+
+    def without_page(self, method, path):
+        page, self.server.page = self.server.page, None
+        try:
+            return self.call(method, path)
+        finally:
+            self.server.page = page
+
+    def limited_twice(self, method, path):     # addressLoginAttempts is 1 on that server
+        self.call(method, path, signup_body("walker"), server=self.limited)
+        return self.call(method, path, signup_body("walker"), server=self.limited)
+
+    # (method, path, status) -> how to make the server give that answer: the name of a
+    # method above, or what to send (body, headers) and to which server (main if none).
+    UNSEEN = {"x-access-token": token_for(sid="never-seen-session")}  # its file is read
+    REFRESH = {"refreshToken": "A" * 43}            # the shape of one, issued by nobody
+    WALK = {
+        ("POST", "/users/authenticate", 200): {"body": login_body()},
+        ("POST", "/users/authenticate", 400): {"body": login_body("test", "wrong")},
+        ("POST", "/users/authenticate", 429): "locked_out",
+        ("POST", "/users/authenticate", 503): {"body": login_body(), "server": "broken"},
+        ("GET", "/users/getInfo", 200): "logged_in",
+        ("GET", "/users/getInfo", 401): {"headers": {"x-access-token": token_for()[:-2]}},
+        ("GET", "/users/getInfo", 403): {},
+        ("GET", "/users/getInfo", 503): {"headers": UNSEEN, "server": "broken"},
+        ("POST", "/users/refresh", 200): "refreshed",
+        ("POST", "/users/refresh", 400): {"body": {}},
+        ("POST", "/users/refresh", 401): {"body": REFRESH},
+        ("POST", "/users/refresh", 503): {"body": REFRESH, "server": "broken"},
+        ("POST", "/users/logout", 204): "refreshed",
+        ("POST", "/users/logout", 400): {"body": {"refreshToken": 1}},
+        ("POST", "/users/logout", 503): {"body": REFRESH, "server": "broken"},
+        ("POST", "/users/logoutAll", 204): "logged_in",
+        ("POST", "/users/logoutAll", 401): {"body": b"", "headers": {"x-access-token": "x.y.z"}},
+        ("POST", "/users/logoutAll", 403): {"body": b""},
+        ("POST", "/users/logoutAll", 503): {"body": b"", "headers": UNSEEN, "server": "broken"},
+        ("GET", "/users/sessions", 200): "logged_in",
+        ("GET", "/users/sessions", 401): {"headers": {"x-access-token": token_for(lifetime=-10)}},
+        ("GET", "/users/sessions", 403): {},
+        ("GET", "/users/sessions", 503): {"headers": UNSEEN, "server": "broken"},
+        ("POST", "/users/register", 201): {"body": signup_body("walk-new", firstName="W")},
+        ("POST", "/users/register", 400): {"body": signup_body("walk bad")},
+        ("POST", "/users/register", 409): {"body": signup_body("test")},
+        ("POST", "/users/register", 429): "limited_twice",
+        ("POST", "/users/register", 503): {"body": signup_body("walk-503"), "server": "broken"},
+        ("GET", "/openapi.json", 200): {},
+        ("GET", "/", 200): {},
+        ("GET", "/", 404): "without_page",
+    }
+    # Every POST answers 411 and 413 the same way, and every POST with a body 415.
+    for _path in ("/users/authenticate", "/users/refresh", "/users/logout", "/users/logoutAll",
+                  "/users/register"):
+        WALK.update({("POST", _path, 411): "without_length", ("POST", _path, 413): "too_large"})
+        if _path != "/users/logoutAll":
+            WALK[("POST", _path, 415)] = "text_body"
+    del _path
+
+    def walk(self, method, path, status):
+        """The answer WALK says how to get."""
+        how = self.WALK[(method, path, status)]
+        if isinstance(how, str):
+            return getattr(self, how)(method, path)
+        server = getattr(self, how.get("server", "server"))
+        return self.call(method, path, how.get("body"), how.get("headers"), server)
+
+    def test_every_documented_answer_is_walked_and_every_walk_documented(self):
+        self.assertEqual(sorted(documented_pairs(self.document)), sorted(self.WALK))
+
+    def test_walk_the_live_server_through_every_documented_answer(self):
+        for method, path, status in sorted(self.WALK):
+            with self.subTest(method=method, path=path, status=status):
+                got, headers, data = self.walk(method, path, status)
+                self.assertEqual(got, status, data[:300])
+                documented = self.document["paths"][path][method.lower()]["responses"][str(status)]
+                self.assertEqual(headers.get("access-control-allow-origin"), "*")
+                for name in documented.get("headers", {}):
+                    self.assertIn(name.lower(), headers)
+                if "content" not in documented:
+                    self.assertEqual(data, b"")
+                    continue
+                [(media_type, media)] = documented["content"].items()
+                self.assertEqual(headers["content-type"].partition(";")[0], media_type)
+                value = (json.loads(data) if media_type == "application/json"
+                         else data.decode("utf-8"))
+                self.assertEqual(schema_errors(media["schema"], value, self.document), [])
+
+    def test_every_route_is_documented(self):
+        self.assertEqual(set(authserver.ROUTE_DOCS), set(authserver.ROUTES))
+        served = {(method.upper(), path) for path, operations in self.document["paths"].items()
+                  for method in operations}
+        self.assertEqual(served, set(authserver.ROUTES))
+        # A route added to ROUTES without its documentation breaks the document.
+        with mock.patch.dict(authserver.ROUTES, {("GET", "/new"): authserver.get_info}), \
+                self.assertRaises(KeyError):
+            authserver.openapi_document(authserver.ROUTES, "/")
+
+    def test_document(self):
+        status, headers, data = self.call("GET", "/openapi.json", headers={"Host": "example.test:4000"})
+        document = json.loads(data)
+        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        self.assertEqual(document["servers"], [{"url": "http://example.test:4000"}])
+        self.assertEqual(self.document["servers"],
+                         [{"url": f"http://127.0.0.1:{self.server.server_address[1]}"}])
+        odd = raw_exchange(self.server, b"GET /openapi.json HTTP/1.1\r\nHost: a/b\"c\r\n\r\n")
+        self.assertEqual(json.loads(odd[2])["servers"], [{"url": "/"}])
+        self.assertEqual(document["components"]["securitySchemes"], {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                       "description": "Authorization: Bearer <token>"},
+            "accessToken": {"type": "apiKey", "in": "header", "name": "x-access-token",
+                            "description": "the tutorial's header: x-access-token: <token>"}})
+        paths = document["paths"]
+        self.assertEqual(paths["/users/getInfo"]["get"]["security"],
+                         [{"bearer": []}, {"accessToken": []}])
+        self.assertEqual(paths["/users/authenticate"]["post"]["security"], [])
+        self.assertEqual(paths["/users/getInfo"]["get"]["operationId"], "getInfo")
+        self.assertEqual(set(paths["/users/authenticate"]["post"]["requestBody"]["content"]),
+                         {"application/json", "application/x-www-form-urlencoded"})
+        # Every $ref points at something.
+        def refs(node):
+            if isinstance(node, dict):
+                yield from ([node["$ref"]] if "$ref" in node else [])
+                for child in node.values():
+                    yield from refs(child)
+            elif isinstance(node, list):
+                for child in node:
+                    yield from refs(child)
+        for reference in set(refs(document)):
+            target = document
+            for part in reference.lstrip("#/").split("/"):
+                target = target[part]
+
+
 # ---------------------------------------------------------------------------
 # Login limits under concurrency, config numbers, and tests that catch broken code
 # ---------------------------------------------------------------------------
@@ -2642,7 +3315,11 @@ class TestLimitsShippedFiles(unittest.TestCase):
                              ["passwordHash"])
         config = authserver.load_config(HERE / "config.json")
         self.assertEqual(config["secret"], "")          # no secret ships with the code
+        # Every setting is there to be seen and changed, in the order the README lists them.
+        self.assertEqual(list(json.loads((HERE / "config.json").read_text(encoding="utf-8"))),
+                         list(authserver.DEFAULT_CONFIG))
 
+# ---------------------------------------------------------------------------
 # Sessions: refresh tokens, logout, revocation
 # ---------------------------------------------------------------------------
 
@@ -3052,6 +3729,11 @@ class TestSessionsStorage(SessionsCase):
                  ({"maxSessionsPerUser": "5"}, "maxSessionsPerUser must be a whole number from 1 to"),
                  ({"maxSessionsPerUser": 2.5}, "maxSessionsPerUser must be a whole number from 1 to"),
                  ({"refreshGrace": -1}, "refreshGrace must be a number from 0 to"),
+                 ({"maxSessionsPerUser": 0},
+                  "maxSessionsPerUser must be a whole number from 1 to 1000000"),
+                 ({"maxSessionsPerUser": "5"},
+                  "maxSessionsPerUser must be a whole number from 1 to 1000000"),
+                 ({"refreshGrace": -1}, "refreshGrace must be a number from 0 to 86400"),
                  ({"sessionsFile": 5}, "sessionsFile must be a string"),
                  ({"sessionsFile": ""}, "sessionsFile must not be empty")]
         for config, message in cases:
@@ -3060,6 +3742,422 @@ class TestSessionsStorage(SessionsCase):
                 with self.assertRaises(authserver.ConfigError) as caught:
                     authserver.load_config(files.config)
                 self.assertIn(message, str(caught.exception))
+# Connections within caps: 503 beyond them, accept errors, threads, slow readers
+# ---------------------------------------------------------------------------
+
+def wait_until(predicate, seconds=10):
+    """Poll predicate until it holds or seconds pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def connect_from(server, source="127.0.0.1"):
+    """A connection to server from a loopback address of our choice."""
+    return socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10,
+                                    source_address=(source, 0))
+
+
+class TestConnsConfig(unittest.TestCase):
+
+    def test_caps_must_be_whole_numbers_of_at_least_one(self):
+        for name in ("maxConnections", "maxConnectionsPerAddress"):
+            for bad in (0, -1, 2.5, 10.0, "10", True, None, 1_000_001):
+                with self.subTest(name=name, bad=bad):
+                    files = Files(self, **{name: bad})
+                    with self.assertRaises(authserver.ConfigError) as caught:
+                        authserver.load_config(files.config)
+                    self.assertEqual(str(caught.exception), f"config file {files.config}: "
+                                     f"{name} must be a whole number from 1 to 1000000")
+        config = authserver.load_config(Files(self, maxConnections=1,
+                                              maxConnectionsPerAddress=1).config)
+        self.assertEqual((config["maxConnections"], config["maxConnectionsPerAddress"]), (1, 1))
+
+    def test_defaults_fit_a_class_behind_one_address_and_the_common_file_limit(self):
+        defaults = authserver.DEFAULT_CONFIG
+        self.assertGreaterEqual(defaults["maxConnectionsPerAddress"], 50 * 6)
+        self.assertLess(defaults["maxConnections"], 1024 - 100)
+        self.assertGreater(defaults["maxConnections"], defaults["maxConnectionsPerAddress"])
+
+
+class TestConnsCaps(unittest.TestCase):
+    """One server with caps of 4 per address and 8 in all."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = start_server(cls, maxConnections=8, maxConnectionsPerAddress=4)
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):         # start_server registers its stop
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def setUp(self):
+        self.held = []
+
+    def hold(self, count, source="127.0.0.1"):
+        """count idle connections from source, each counted by the server before the next."""
+        for _ in range(count):
+            before = self.server.connections.total
+            self.held.append(connect_from(self.server, source))
+            self.assertTrue(wait_until(lambda: self.server.connections.total == before + 1))
+
+    def assert_all_released(self):
+        connections = self.server.connections
+        self.assertTrue(wait_until(lambda: connections.total == 0), connections.total)
+        self.assertEqual(connections.per_address, {})
+
+    def tearDown(self):
+        for sock in self.held:               # close what the test held, then check it is freed
+            sock.close()
+        self.assert_all_released()
+
+    def assert_503(self, sock, message):
+        status, headers, body = read_response(sock)
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body), {"message": message})
+        self.assertEqual(headers.pop("date")[-3:], "GMT")
+        self.assertEqual(headers, {
+            "server": "authserver/1.0",
+            "access-control-allow-origin": "*",
+            "access-control-expose-headers": "WWW-Authenticate, Retry-After",
+            "x-content-type-options": "nosniff",
+            "cache-control": "no-store",
+            "content-type": "application/json; charset=utf-8",
+            "content-length": str(len(body)),
+            "retry-after": "1",
+            "connection": "close",
+        })
+        self.assertEqual(sock.recv(10), b"")                 # and closed
+
+    def test_beyond_the_per_address_cap_a_503_and_close(self):
+        self.hold(4)
+        with connect_from(self.server) as fifth:
+            self.assert_503(fifth, "Too many connections from your address; try again in a moment")
+        self.assertEqual(self.server.connections.total, 4)
+        self.assertNotIn("Traceback", self.server.test_log.getvalue())
+
+    def test_the_503_is_sent_without_blocking_the_accept_loop(self):
+        self.hold(4)
+        blocking_at_send = []
+        original = socket.socket.send
+
+        def recording(sock, data, *flags):
+            if bytes(data).startswith(b"HTTP/1.1 503 "):
+                blocking_at_send.append(sock.getblocking())
+            return original(sock, data, *flags)
+        with mock.patch.object(socket.socket, "send", recording):
+            with connect_from(self.server) as fifth:
+                self.assertEqual(read_response(fifth)[0], 503)
+        self.assertEqual(blocking_at_send, [False])
+
+    def test_another_address_is_served_while_one_is_at_its_cap_then_the_total_cap(self):
+        try:
+            connect_from(self.server, "127.0.0.2").close()
+            connect_from(self.server, "127.0.0.3").close()
+        except OSError as error:
+            self.skipTest(f"cannot send from 127.0.0.2 / 127.0.0.3 here: {error}")
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.hold(4, "127.0.0.1")
+        with connect_from(self.server, "127.0.0.2") as neighbour:
+            neighbour.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            self.assertEqual(read_response(neighbour)[0], 200)
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 4))
+        self.hold(4, "127.0.0.2")                               # now 8: the server's cap
+        with connect_from(self.server, "127.0.0.3") as third:
+            self.assert_503(third, "Server busy: too many connections; try again in a moment")
+
+    def test_slots_are_given_back_however_a_connection_ends(self):
+        port = self.server.server_address[1]
+        for _ in range(3):
+            # answered and closed by the server
+            self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")[0], 200)
+            # a client error, then closed
+            self.assertEqual(raw_exchange(self.server, b"NOT HTTP\r\n\r\n")[0], 400)
+            # closed by the client while idle, and in the middle of a request
+            connect_from(self.server).close()
+            with connect_from(self.server) as sock:
+                sock.sendall(b"POST /users/authenticate HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+            # reset by the client (RST, not FIN)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self.assert_all_released()
+        self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
+
+
+class TestConnsExhaustion(unittest.TestCase):
+
+    def test_accept_out_of_files_backs_off_logs_one_line_and_serves_after(self):
+        server = start_server(self)
+        listening, original = server.socket, socket.socket.accept
+        calls = []
+
+        def out_of_files(sock):
+            if sock is listening:
+                calls.append(time.monotonic())
+                if len(calls) <= 6:                         # as with ulimit -n, for a while
+                    raise OSError(errno.EMFILE, "Too many open files")
+            return original(sock)
+        with mock.patch.object(socket.socket, "accept", out_of_files):
+            # Waiting to be accepted the whole time, then answered.
+            status, _, _ = raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(status, 200)
+        # Six failures, then success: in between, waits of 10, 20, 40, 80, 160 and 320 ms,
+        # where a spin retries at once (thousands of times in the same time).
+        self.assertEqual(len(calls), 7)
+        self.assertGreaterEqual(calls[6] - calls[0], 0.6)
+        log = server.test_log.getvalue()
+        self.assertEqual(log.count("cannot accept connections"), 1, log)
+        self.assertIn("Too many open files", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_other_accept_errors_are_not_waited_on(self):
+        server = start_server(self)
+        with mock.patch.object(server, "log") as log, \
+                mock.patch.object(socketserver.TCPServer, "get_request",
+                                  side_effect=ConnectionAbortedError(errno.ECONNABORTED, "gone")):
+            with self.assertRaises(ConnectionAbortedError):
+                server.get_request()
+        log.assert_not_called()
+        self.assertEqual(server.accept_backoff, 0.0)
+
+    def test_a_thread_that_cannot_start_is_one_line_and_a_closed_connection(self):
+        server = start_server(self)
+        original = threading.Thread.start
+
+        def no_threads_left(thread):
+            if getattr(thread, "_target", None) == server.process_request_thread:
+                raise RuntimeError("can't start new thread")
+            return original(thread)
+        with mock.patch.object(threading.Thread, "start", no_threads_left):
+            with connect_from(server) as sock:
+                try:
+                    self.assertEqual(sock.recv(10), b"")
+                except ConnectionResetError:
+                    pass
+            self.assertTrue(wait_until(lambda: "can't start" in server.test_log.getvalue()))
+        log = server.test_log.getvalue()
+        self.assertEqual(log.strip().splitlines(),
+                         [log.strip().split(" ", 1)[0] +
+                          " 127.0.0.1 connection refused: can't start new thread"])
+        self.assertEqual(server.connections.total, 0)
+        self.assertEqual(raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
+
+    def fake_resource(self, soft, hard, may_raise):
+        """The resource module of a POSIX system with these open-file limits."""
+        infinity = -1
+        limits = [soft, hard]
+
+        def setrlimit(which, values):
+            if not may_raise or (hard != infinity and values[0] > hard):
+                raise ValueError("not allowed to raise the soft limit")
+            limits[0] = values[0]
+        return mock.Mock(RLIMIT_NOFILE=7, RLIM_INFINITY=infinity,
+                         getrlimit=lambda which: tuple(limits), setrlimit=mock.Mock(wraps=setrlimit))
+
+    def test_the_cap_fits_the_open_file_limit(self):
+        for soft, hard, may_raise, most, raised_to, logged in (
+                (256, 256, False, 192, None, True),          # ulimit -n 256: fewer connections
+                (256, 4096, True, 600, 664, False),          # soft limit raised to what is needed
+                (256, -1, True, 600, 664, False),            # hard limit: unlimited
+                (100, 400, True, 336, 400, True),            # raised as far as allowed
+                (256, 4096, False, 192, None, True),         # not allowed to raise it
+                (4096, 4096, True, 600, None, False),        # enough already
+                (-1, -1, True, 600, None, False)):           # no limit at all
+            with self.subTest(soft=soft, hard=hard, may_raise=may_raise):
+                fake = self.fake_resource(soft, hard, may_raise)
+                with mock.patch.object(authserver, "resource", fake):
+                    server = start_server(self)
+                self.assertEqual(server.connections.most, most)
+                if raised_to is not None:
+                    fake.setrlimit.assert_called_once_with(7, (raised_to, hard))
+                    self.assertEqual(fake.getrlimit(7)[0], raised_to)
+                log = server.test_log.getvalue()
+                self.assertEqual(f"open files limited to" in log, logged, log)
+                if logged:
+                    self.assertIn(f"at most {most} connections", log)
+
+    def test_without_an_open_file_limit_the_cap_is_as_configured(self):
+        with mock.patch.object(authserver, "resource", None):          # Windows
+            server = start_server(self, maxConnections=5000)
+        self.assertEqual(server.connections.most, 5000)
+        self.assertEqual(server.test_log.getvalue(), "")
+
+    def test_connection_threads_are_not_kept_anywhere(self):
+        server = start_server(self)
+        for _ in range(20):
+            raw_exchange(server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertNotIn("_threads", vars(server))        # ThreadingMixIn's list: not made
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+
+
+class TestConnsSlowReaders(unittest.TestCase):
+
+    def test_a_client_that_never_reads_is_cut_off_and_its_slot_freed(self):
+        server = start_server(self, requestTimeout=0.5)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)    # before connect: the window
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.server_address[1]))
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 600)                # ~5 MB of answers, never read
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        self.assertTrue(wait_until(
+            lambda: "connection ended: ClientGone: response not taken in time"
+                    in server.test_log.getvalue()))
+        self.assertEqual(server.deadlines, {})
+        self.assertEqual(raw_exchange(server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
+
+    def test_a_blocked_100_continue_is_cut_off_too(self):
+        # A full send buffer: a write stays blocked until the socket's write side is shut,
+        # as in the kernel (shutting the read side does not wake a blocked send).
+        server = start_server(self, requestTimeout=0.5)
+        write_side_shut = threading.Event()
+        original = socket.socket.shutdown
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        self.addCleanup(sock.close)
+
+        def shutdown(this, how):
+            if this is sock and how in (socket.SHUT_WR, socket.SHUT_RDWR):
+                write_side_shut.set()
+            return original(this, how)
+
+        def blocked_write(data):
+            if not write_side_shut.wait(10):
+                raise AssertionError("still blocked")
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
+        handler.server, handler.connection, handler.command = server, sock, "POST"
+        handler.headers = {"content-length": "2", "expect": "100-continue"}
+        handler.wfile = mock.Mock(write=blocked_write)
+        server.watch(sock)                              # reading the request, as respond() does
+        with mock.patch.object(socket.socket, "shutdown", shutdown):
+            with self.assertRaises(authserver.ClientGone) as caught:
+                handler.read_body()
+        self.assertEqual(str(caught.exception), "response not taken in time")
+
+    def test_a_client_that_reads_gets_its_answers_in_full(self):
+        server = start_server(self, requestTimeout=0.5)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 50)
+            stream = sock.makefile("rb")                # one buffer for all the answers
+            for _ in range(50):
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = stream.readline()
+                    self.assertTrue(line, f"closed after {head!r}")
+                    head += line
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+                length = int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0])
+                self.assertEqual(stream.read(length), server.page)
+
+    def test_an_idle_connection_gives_its_slot_back_after_request_timeout(self):
+        server = start_server(self, requestTimeout=0.5)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
+            self.assertEqual(sock.recv(10), b"")               # cut off by the watchman
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+
+
+class TestConnsTLS(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        files = Files(cls, maxConnectionsPerAddress=2)
+        (files.folder / "cert.pem").write_text(TestTLS.CERT)
+        (files.folder / "key.pem").write_text(TestTLS.KEY)
+        context = authserver.make_tls_context(files.folder / "cert.pem", files.folder / "key.pem")
+        cls.server = start_server(cls, files, tls_context=context)
+        cls.client_context = ssl.create_default_context(cadata=TestTLS.CERT)
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def assert_https_works(self):
+        client = Client(self.server, self.client_context)
+        try:
+            self.assertEqual(client.request("GET", "/")[0], 200)
+        finally:
+            client.close()
+
+    def test_plain_http_on_the_https_port_is_told_so_in_plain_http(self):
+        port = self.server.server_address[1]
+        for request, url in (
+                (f"GET / HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n", f"https://localhost:{port}/"),
+                ("GET /users/getInfo?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                 "https://127.0.0.1/users/getInfo"),
+                ("POST /users/authenticate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+                 f"https://127.0.0.1:{port}/users/authenticate"),
+                ("GET / HTTP/1.1\r\nHost: evil\"host\r\n\r\n", f"https://127.0.0.1:{port}/"),
+                ("HELLO\r\n\r\n", f"https://127.0.0.1:{port}/")):
+            with self.subTest(request), socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request.encode())
+                status, headers, body = read_response(sock)
+                self.assertEqual(status, 400)
+                self.assertEqual(json.loads(body), {"message": f"This port speaks HTTPS: use {url}"})
+                self.assertEqual((headers["connection"], headers["content-type"]),
+                                 ("close", "application/json; charset=utf-8"))
+                self.assertEqual(sock.recv(10), b"")
+        self.assertIn("127.0.0.1 GET / 400", self.server.test_log.getvalue())
+        self.assert_https_works()
+
+    def test_failed_handshakes_give_their_slots_back(self):
+        port = self.server.server_address[1]
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05hello")          # a TLS record, not a hello
+                try:
+                    self.assertIn(sock.recv(100)[:1], (b"\x15", b""))   # a TLS alert, or nothing
+                except ConnectionResetError:
+                    pass
+            distrusting = ssl.create_default_context()              # our cert is not its CA
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                with self.assertRaises(ssl.SSLError):
+                    distrusting.wrap_socket(sock, server_hostname="localhost")
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.assert_https_works()
+
+    def test_beyond_the_cap_an_https_connection_is_closed_without_a_word(self):
+        port = self.server.server_address[1]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            self.assertTrue(wait_until(lambda: self.server.connections.total == 2))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+                self.assertEqual(third.recv(10), b"")
+        finally:
+            for sock in held:
+                sock.close()
+        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+
+
+class TestConnsUsersFile(unittest.TestCase):
+
+    def test_an_idle_server_notices_a_changed_users_file(self):
+        files = Files(self)
+        server = start_server(self, files)
+        authserver.save_users(files.users, TEST_USERS[:1])          # no request after this
+        self.assertTrue(wait_until(
+            lambda: "users file reloaded: 1 users" in server.test_log.getvalue()),
+            server.test_log.getvalue())
+        self.assertEqual(list(server.users.tables[0]), ["test"])
+
+    def test_a_broken_users_file_written_while_idle_is_reported(self):
+        files = Files(self)
+        server = start_server(self, files)
+        files.users.write_text("[{\"id\": 1}]")
+        self.assertTrue(wait_until(
+            lambda: "users file not reloaded" in server.test_log.getvalue()))
+        self.assertEqual(len(server.users.tables[0]), 3)
+
+    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP on this system")
+    def test_sighup_on_an_unchanged_users_file_says_so(self):
+        files = Files(self)
+        server = ServerProcess(self, "--config", files.config, "--users", files.users)
+        server.process.send_signal(signal.SIGHUP)
+        line = server.readline("stderr")
+        self.assertTrue(line.endswith(" users file unchanged: 3 users\n"), line)
 
 
 
