@@ -187,7 +187,9 @@ def checked_number(value, name, where):
 def read_json_file(path, what):
     """Parse a JSON file, turning every failure into one ConfigError line naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: Windows Notepad saves UTF-8 with a byte order mark, which RFC 8259 §8.1
+        # lets a reader ignore. What we write has none (write_file_atomically).
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: no such file") from None
     except (OSError, ValueError) as error:
