@@ -626,16 +626,19 @@ def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
         raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    seen_names, seen_ids = set(), set()
+    seen_names, name_by_id = set(), {}
     for user in users:
         name, user_id = user.get("username"), user.get("id")
         check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
-        if name in seen_names or user_id in seen_ids:
-            raise ConfigError(f"users file {path}: user {name!r} or id {user_id!r} is twice")
+        if name in seen_names:
+            raise ConfigError(f"users file {path}: the username {name!r} appears twice")
+        if user_id in name_by_id:
+            raise ConfigError(f"users file {path}: the id {user_id!r} is used by both "
+                              f"{name_by_id[user_id]!r} and {name!r}")
         seen_names.add(name)
-        seen_ids.add(user_id)
+        name_by_id[user_id] = name
         if "password" in user:
             raise ConfigError(
                 f"users file {path}: user {name!r} has a plaintext password; replace it "

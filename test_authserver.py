@@ -3290,7 +3290,7 @@ class TestLimitsCatchMutations(SharedServerCase):
         files = Files(self, users=[make_user(7, "ann", "x"), make_user(7, "bob", "y")])
         with self.assertRaises(authserver.ConfigError) as caught:
             authserver.UserStore(files.users)
-        self.assertIn("id 7 is twice", str(caught.exception))
+        self.assertIn("the id 7 is used by both 'ann' and 'bob'", str(caught.exception))
         files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
         self.assertEqual(len(authserver.UserStore(files.users).tables.by_id), 2)  # 7 is not "7"
 
