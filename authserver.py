@@ -2799,7 +2799,7 @@ def claims_lines(claims, now):
 
 
 def untrusted_payload_lines(payload_segment, now, narrator):
-    """The payload of a token whose signature failed: readable, but not trusted."""
+    """The payload of a token refused at its header or signature: readable, but not trusted."""
     warning = narrator.paint("Readable, but not trusted:", "fail")
     try:
         claims = parse_json_object(b64url_decode(payload_segment))
@@ -2831,6 +2831,9 @@ def explain_steps(token, key, config, users, narrator, now):
                           ("signature", signature_segment)):
         narrator.say(f"   {part:<10}{narrator.paint(segment or '(empty)', part)}")
     narrator.check(True, f"3 segments of base64url, {len(token)} characters")
+    # The lesson of a refused header or a failed signature: the claims were never secret,
+    # only unproven. Until the signature checks out, a failure shows them so.
+    narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
 
     narrator.step(2, "Decode the header: base64url -> JSON  (read_header)")
     try:
@@ -2851,13 +2854,9 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
     narrator.say(f"   presented {narrator.paint(signature_segment or '(empty)', 'signature')}")
-    try:
-        check_signature(signing_input, signature_segment, key)
-    except TokenError:
-        # The lesson of a failed signature: the claims were never secret, only unproven.
-        narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
-        raise
+    check_signature(signing_input, signature_segment, key)
     narrator.check(True, "they match (hmac.compare_digest, constant time)")
+    narrator.after_failure = []
 
     narrator.step(4, "Decode the payload: base64url -> JSON  (read_payload)")
     claims = read_payload(payload_segment)
