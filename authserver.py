@@ -2826,7 +2826,11 @@ def describe_time(name, value, now):
 def explain_steps(token, key, config, users, narrator, now):
     """Run decode_token's five steps one by one, then find the user, as require_token does."""
     narrator.step(1, "Split at the dots: header.payload.signature  (split_token)")
-    header_segment, payload_segment, signature_segment = split_token(token)
+    try:
+        header_segment, payload_segment, signature_segment = split_token(token)
+    except TokenError:
+        narrator.after_failure = [f"   {line}" for line in malformed_reasons(token)]
+        raise
     for part, segment in (("header", header_segment), ("payload", payload_segment),
                           ("signature", signature_segment)):
         narrator.say(f"   {part:<10}{narrator.paint(segment or '(empty)', part)}")
@@ -2919,6 +2923,96 @@ def explain_refresh_token(token, config, narrator):
 # What devtools and curl show is the whole header line, and that is what gets copied.
 PASTED_HEADER = re.compile(
     r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)", re.I | re.S)
+SINGLE_QUOTED = re.compile(r"'(.+)'", re.S)
+
+
+def unquoted(text):
+    """The text inside the quotes of a JSON string or member copied whole, or None.
+
+    "eyJ…", "token": "eyJ…", and a whole {"token": "eyJ…", ...} (the token member, or the
+    only one), as a login answer or a script holds them; also 'eyJ…' from code or a shell.
+    """
+    for candidate in (text, "{" + text.rstrip(",") + "}"):
+        try:
+            value = json.loads(candidate, strict=False)     # a line break inside: wrapped
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            value = value.get("token", next(iter(value.values())) if len(value) == 1 else None)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+    quoted = SINGLE_QUOTED.fullmatch(text)
+    return quoted.group(1).strip() if quoted else None
+
+
+def unwrap_pasted(text):
+    """(token, notes): text without what copying added around and inside a token.
+
+    A teaching tool should teach rather than stop, so explain takes these off and says so,
+    as a teacher would: quotes and whitespace are never part of a token, nor is a header's
+    name, so what is left is exactly the token that was copied. The server itself still
+    refuses the text as pasted (jwt malformed): guessing is for the teacher, not the lock.
+    """
+    notes = []
+    inside = unquoted(text)
+    if inside is not None:
+        text = inside
+        notes.append("Note: this looks copied with its quotes (from JSON or code); the token "
+                     "is what is between them.")
+    pasted = PASTED_HEADER.fullmatch(text)
+    if pasted:
+        text = pasted.group(2).strip()
+        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
+        notes.append(f"Note: this looks like a whole header; the token is the part after "
+                     f"'{after}'.")
+    if any(char.isspace() for char in text):
+        text = "".join(text.split())
+        notes.append("Note: the token has a line break or space inside (a terminal wraps long "
+                     "lines when copying); explaining it without them.")
+    if notes:
+        notes.append("      (Sent as pasted, it is refused: jwt malformed.)")
+    return text, notes
+
+
+SEGMENT_NAMES = ("header", "payload", "signature")
+SEGMENT_COUNT_HINTS = {
+    1: "a JWT has a dot between each of its parts: this text has none",
+    2: "the signature is missing: was the token cut short when it was copied?",
+    5: "5 segments is an encrypted JWT (JWE), which this server neither makes nor reads",
+}
+CHARACTER_HINTS = {
+    **dict.fromkeys("\"'", "a quote is not part of a token: copy what is between the quotes"),
+    **dict.fromkeys("+/", "+ and / belong to plain base64; base64url uses - and _ instead"),
+    "=": "'=' is base64 padding, which a JWT leaves out (RFC 7515 §2)",
+}
+
+
+def malformed_reasons(token):
+    """Why split_token refuses token: its length, its segments, its first foreign character."""
+    if len(token) > MAX_TOKEN_BYTES:
+        return [f"why: {len(token)} characters, longer than the {MAX_TOKEN_BYTES} this server "
+                f"reads of a token"]
+    reasons, segments = [], token.split(".")
+    if len(segments) != 3:
+        dots = len(segments) - 1
+        counted = "no dot" if dots == 0 else f"{dots} dot" + ("s" if dots > 1 else "")
+        reasons.append(f"why: {len(segments)} segment{'s' if dots else ''} ({counted}); "
+                       f"a JWT has 3: header.payload.signature")
+        reasons.append("hint: " + SEGMENT_COUNT_HINTS.get(
+            len(segments), "more than 2 dots: two tokens run together, or text after one?"))
+    foreign = next((at for at, char in enumerate(token)
+                    if char != "." and char not in BASE64URL_ALPHABET), None)
+    if foreign is not None:
+        char, segment = token[foreign], token.count(".", 0, foreign)
+        where = SEGMENT_NAMES[segment] if segment < 3 else f"segment {segment + 1}"
+        reasons.append(f"why: character {foreign + 1} of {len(token)}, {printable(repr(char))}, "
+                       f"in the {where}, is not base64url (A-Z a-z 0-9 - _)")
+        if char in CHARACTER_HINTS or char.isspace():
+            reasons.append("hint: " + CHARACTER_HINTS.get(
+                char, "a space or line break: the token was wrapped; join its lines"))
+    elif len(segments) == 3:
+        reasons += [f"why: the {name} is empty" for name, segment
+                    in zip(SEGMENT_NAMES[:2], segments) if not segment]
+    return reasons
 
 
 def read_token(args):
@@ -2947,15 +3041,9 @@ def explain(args):
     users = UserStore(args.users)
     narrator = Narrator(sys.stdout)
     now = time.time()
-    pasted = PASTED_HEADER.fullmatch(token)
-    if pasted:
-        # Go on with the token, as a teacher would; the server itself refuses the whole line.
-        token = pasted.group(2).strip()
-        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
-        narrator.say(f"Note: this looks like a whole header; the token is the part after "
-                     f"'{after}'.")
-        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
-                     "jwt malformed.)")
+    token, notes = unwrap_pasted(token)
+    for note in notes:
+        narrator.say(note)
     if REFRESH_TOKEN_SHAPE.fullmatch(token):
         try:
             explain_refresh_token(token, config, narrator)
