@@ -3081,7 +3081,11 @@ def explain(args):
 def build_parser():
     """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""
     parser = argparse.ArgumentParser(
-        prog="authserver.py", description="A JWT login server, standard library only.")
+        prog="authserver.py", description=(
+            "A JWT login server, standard library only. With no command it serves: the API "
+            "(POST /users/authenticate, GET /users/getInfo, ...) and the page at /, on --host "
+            "and --port, until Ctrl-C. The commands manage users and sessions, and explain "
+            "tokens."))
     parser.add_argument("--host", help="address to listen on (0.0.0.0: the whole LAN)")
     parser.add_argument("--port", type=int, help="port (default 4000; 0: any free port)")
     parser.add_argument("--config", type=Path, default=CONFIG_FILE,
@@ -3097,33 +3101,59 @@ def build_parser():
     files.add_argument("--users", type=Path, default=argparse.SUPPRESS, help="users file")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    adduser = commands.add_parser("adduser", parents=[files], help="add a user")
+    adduser = commands.add_parser("adduser", parents=[files], help="add a user", description=(
+        "Add a user to the users file, with a new random id. It asks for the password twice "
+        "on a terminal (not shown as you type), or reads one line from stdin when one is "
+        "piped in: echo 'pw' | python authserver.py adduser NAME. The password is stored "
+        "hashed (PBKDF2)."))
     adduser.add_argument("username")
     adduser.add_argument("--first-name")
     adduser.add_argument("--last-name")
     adduser.add_argument("--phone")
     adduser.set_defaults(action=add_user)
 
-    passwd = commands.add_parser("passwd", parents=[files], help="change a user's password")
+    passwd = commands.add_parser("passwd", parents=[files], help="change a user's password",
+                                 description=(
+        "Set a user's password (every other field is kept) and revoke the user's sessions. "
+        "It asks for the password twice on a terminal (not shown as you type), or reads one "
+        "line from stdin when one is piped in."))
     passwd.add_argument("username")
     passwd.set_defaults(action=change_password)
 
-    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions")
+    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions",
+                                   description=(
+        "List a user's live sessions, one per login not yet logged out, revoked or expired: "
+        "its id (for revoke), when it was created and last used, when it expires, and the "
+        "address and browser it came from."))
     sessions.add_argument("username")
     sessions.set_defaults(action=list_sessions_command)
 
     revoke = commands.add_parser("revoke", parents=[files],
-                                 help="revoke a user's sessions (all, or the one given)")
+                                 help="revoke a user's sessions (all, or the one given)",
+                                 description=(
+        "End all of a user's sessions, or the one given: their refresh tokens are refused at "
+        "once, and their access tokens within a second, by a running server too. Tokens from "
+        "the token command have no session, and are not affected."))
     revoke.add_argument("username")
     revoke.add_argument("session", nargs="?", help="a session id from the sessions command")
     revoke.set_defaults(action=revoke_command)
 
-    token = commands.add_parser("token", parents=[files], help="print a token for a user")
+    token = commands.add_parser("token", parents=[files], help="print a token for a user",
+                                description=(
+        "Print an access token for a user, signed as a login's, without the password: for "
+        "curl and for explain. It belongs to no session (no sid claim), so it cannot be "
+        "revoked, by logout, revoke or passwd: it is good until its exp (tokenLifetime)."))
     token.add_argument("username")
     token.set_defaults(action=issue_token)
 
     explain_command = commands.add_parser("explain", parents=[files],
-                                          help="verify a token step by step")
+                                          help="verify a token step by step", description=(
+        "Verify a token as the server does, one step at a time, with the real values; exit 0 "
+        "if the server would accept it. The token is the argument; without one, or with '-', "
+        "it is read from stdin (piped in, or pasted on a terminal). A whole header line "
+        "(Authorization: Bearer eyJ..., x-access-token: eyJ...), a token in its JSON quotes "
+        "or one wrapped over lines is explained too, with a note. A refresh token is looked "
+        "up in the sessions file."))
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
     explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
     return parser
