@@ -2668,6 +2668,7 @@ def add_user(args):
                                                 ("phone", args.phone)) if value is not None}
     record = add_user_record(path, args.username, password_hash, fields)
     print(f"added user {args.username!r} (id {record['id']}) to {path}")
+    say_a_server_picks_it_up(path)
     return 0
 
 
@@ -2688,7 +2689,14 @@ def change_password(args):
         # Whoever was logged in with the old password is logged out: often why it changed.
         ended = end_sessions(sessions, args.username)
     print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
+    say_a_server_picks_it_up(path)
     return 0
+
+
+def say_a_server_picks_it_up(path):
+    """Whoever changes users.json beside a running server wonders whether to restart it."""
+    # No: its watchman looks at the file every second (UserStore.refresh), idle or not.
+    print(f"A server running with {path} picks this up within a second.")
 
 
 # -- sessions -------------------------------------------------------------------

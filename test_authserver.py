@@ -4634,14 +4634,19 @@ class TestCliFixesRunningServer(unittest.TestCase):
         client = Client(server)
         self.addCleanup(client.close)
         line = (f"A server running with {files.users} picks this up within a second.")
-        for args, login in ((("passwd", "test"), login_body("test", "n3w-pa55w0rd")),
-                            (("adduser", "newcomer"), login_body("newcomer", "n3w-pa55w0rd"))):
+        for reloads, (args, login) in enumerate(
+                ((("passwd", "test"), login_body("test", "n3w-pa55w0rd")),
+                 (("adduser", "newcomer"), login_body("newcomer", "n3w-pa55w0rd"))), 1):
             with self.subTest(args[0]):
                 code, out, err = self.run_with_password(files, *args)
                 self.assertEqual((code, err), (0, ""))
                 self.assertEqual(out.splitlines()[1:], [line], out)
+                # No request in between: the idle server notices by itself (not by polling
+                # logins, which would meet the failed-login limiter first).
                 self.assertTrue(poll_until(
-                    lambda: client.request("POST", "/users/authenticate", login)[0] == 200))
+                    lambda: server.test_log.getvalue().count("users file reloaded") == reloads))
+                status, _, body = client.request("POST", "/users/authenticate", login)
+                self.assertEqual(status, 200, body)
 
 
 class TestCliFixesByteOrderMark(unittest.TestCase):
