@@ -187,7 +187,9 @@ def checked_number(value, name, where):
 def read_json_file(path, what):
     """Parse a JSON file, turning every failure into one ConfigError line naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: Windows Notepad saves UTF-8 with a byte order mark, which RFC 8259 §8.1
+        # lets a reader ignore. What we write has none (write_file_atomically).
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: no such file") from None
     except (OSError, ValueError) as error:
@@ -654,16 +656,19 @@ def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
         raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    seen_names, seen_ids = set(), set()
+    seen_names, name_by_id = set(), {}
     for user in users:
         name, user_id = user.get("username"), user.get("id")
         check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
-        if name in seen_names or user_id in seen_ids:
-            raise ConfigError(f"users file {path}: user {name!r} or id {user_id!r} is twice")
+        if name in seen_names:
+            raise ConfigError(f"users file {path}: the username {name!r} appears twice")
+        if user_id in name_by_id:
+            raise ConfigError(f"users file {path}: the id {user_id!r} is used by both "
+                              f"{name_by_id[user_id]!r} and {name!r}")
         seen_names.add(name)
-        seen_ids.add(user_id)
+        name_by_id[user_id] = name
         if "password" in user:
             raise ConfigError(
                 f"users file {path}: user {name!r} has a plaintext password; replace it "
@@ -2693,6 +2698,7 @@ def add_user(args):
                                                 ("phone", args.phone)) if value is not None}
     record = add_user_record(path, args.username, password_hash, fields)
     print(f"added user {args.username!r} (id {record['id']}) to {path}")
+    say_a_server_picks_it_up(path)
     return 0
 
 
@@ -2713,7 +2719,14 @@ def change_password(args):
         # Whoever was logged in with the old password is logged out: often why it changed.
         ended = end_sessions(sessions, args.username)
     print(f"password changed for {args.username!r} in {path}; {ended} session(s) revoked")
+    say_a_server_picks_it_up(path)
     return 0
+
+
+def say_a_server_picks_it_up(path):
+    """Whoever changes users.json beside a running server wonders whether to restart it."""
+    # No: its watchman looks at the file every second (UserStore.refresh), idle or not.
+    print(f"A server running with {path} picks this up within a second.")
 
 
 # -- sessions -------------------------------------------------------------------
@@ -2824,7 +2837,7 @@ def claims_lines(claims, now):
 
 
 def untrusted_payload_lines(payload_segment, now, narrator):
-    """The payload of a token whose signature failed: readable, but not trusted."""
+    """The payload of a token refused at its header or signature: readable, but not trusted."""
     warning = narrator.paint("Readable, but not trusted:", "fail")
     try:
         claims = parse_json_object(b64url_decode(payload_segment))
@@ -2851,11 +2864,18 @@ def describe_time(name, value, now):
 def explain_steps(token, key, config, users, narrator, now):
     """Run decode_token's five steps one by one, then find the user, as require_token does."""
     narrator.step(1, "Split at the dots: header.payload.signature  (split_token)")
-    header_segment, payload_segment, signature_segment = split_token(token)
+    try:
+        header_segment, payload_segment, signature_segment = split_token(token)
+    except TokenError:
+        narrator.after_failure = [f"   {line}" for line in malformed_reasons(token)]
+        raise
     for part, segment in (("header", header_segment), ("payload", payload_segment),
                           ("signature", signature_segment)):
         narrator.say(f"   {part:<10}{narrator.paint(segment or '(empty)', part)}")
     narrator.check(True, f"3 segments of base64url, {len(token)} characters")
+    # The lesson of a refused header or a failed signature: the claims were never secret,
+    # only unproven. Until the signature checks out, a failure shows them so.
+    narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
 
     narrator.step(2, "Decode the header: base64url -> JSON  (read_header)")
     try:
@@ -2876,13 +2896,9 @@ def explain_steps(token, key, config, users, narrator, now):
     narrator.say(f"   HMAC-SHA256(secret, signing input), base64url:")
     narrator.say(f"   computed  {narrator.paint(computed, 'signature')}")
     narrator.say(f"   presented {narrator.paint(signature_segment or '(empty)', 'signature')}")
-    try:
-        check_signature(signing_input, signature_segment, key)
-    except TokenError:
-        # The lesson of a failed signature: the claims were never secret, only unproven.
-        narrator.after_failure = untrusted_payload_lines(payload_segment, now, narrator)
-        raise
+    check_signature(signing_input, signature_segment, key)
     narrator.check(True, "they match (hmac.compare_digest, constant time)")
+    narrator.after_failure = []
 
     narrator.step(4, "Decode the payload: base64url -> JSON  (read_payload)")
     claims = read_payload(payload_segment)
@@ -2945,6 +2961,96 @@ def explain_refresh_token(token, config, narrator):
 # What devtools and curl show is the whole header line, and that is what gets copied.
 PASTED_HEADER = re.compile(
     r"(authorization\s*:\s*bearer\s+|bearer\s+|x-access-token\s*:\s*)(.*)", re.I | re.S)
+SINGLE_QUOTED = re.compile(r"'(.+)'", re.S)
+
+
+def unquoted(text):
+    """The text inside the quotes of a JSON string or member copied whole, or None.
+
+    "eyJ…", "token": "eyJ…", and a whole {"token": "eyJ…", ...} (the token member, or the
+    only one), as a login answer or a script holds them; also 'eyJ…' from code or a shell.
+    """
+    for candidate in (text, "{" + text.rstrip(",") + "}"):
+        try:
+            value = json.loads(candidate, strict=False)     # a line break inside: wrapped
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            value = value.get("token", next(iter(value.values())) if len(value) == 1 else None)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+    quoted = SINGLE_QUOTED.fullmatch(text)
+    return quoted.group(1).strip() if quoted else None
+
+
+def unwrap_pasted(text):
+    """(token, notes): text without what copying added around and inside a token.
+
+    A teaching tool should teach rather than stop, so explain takes these off and says so,
+    as a teacher would: quotes and whitespace are never part of a token, nor is a header's
+    name, so what is left is exactly the token that was copied. The server itself still
+    refuses the text as pasted (jwt malformed): guessing is for the teacher, not the lock.
+    """
+    notes = []
+    inside = unquoted(text)
+    if inside is not None:
+        text = inside
+        notes.append("Note: this looks copied with its quotes (from JSON or code); the token "
+                     "is what is between them.")
+    pasted = PASTED_HEADER.fullmatch(text)
+    if pasted:
+        text = pasted.group(2).strip()
+        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
+        notes.append(f"Note: this looks like a whole header; the token is the part after "
+                     f"'{after}'.")
+    if any(char.isspace() for char in text):
+        text = "".join(text.split())
+        notes.append("Note: the token has a line break or space inside (a terminal wraps long "
+                     "lines when copying); explaining it without them.")
+    if notes:
+        notes.append("      (Sent as pasted, it is refused: jwt malformed.)")
+    return text, notes
+
+
+SEGMENT_NAMES = ("header", "payload", "signature")
+SEGMENT_COUNT_HINTS = {
+    1: "a JWT has a dot between each of its parts: this text has none",
+    2: "the signature is missing: was the token cut short when it was copied?",
+    5: "5 segments is an encrypted JWT (JWE), which this server neither makes nor reads",
+}
+CHARACTER_HINTS = {
+    **dict.fromkeys("\"'", "a quote is not part of a token: copy what is between the quotes"),
+    **dict.fromkeys("+/", "+ and / belong to plain base64; base64url uses - and _ instead"),
+    "=": "'=' is base64 padding, which a JWT leaves out (RFC 7515 §2)",
+}
+
+
+def malformed_reasons(token):
+    """Why split_token refuses token: its length, its segments, its first foreign character."""
+    if len(token) > MAX_TOKEN_BYTES:
+        return [f"why: {len(token)} characters, longer than the {MAX_TOKEN_BYTES} this server "
+                f"reads of a token"]
+    reasons, segments = [], token.split(".")
+    if len(segments) != 3:
+        dots = len(segments) - 1
+        counted = "no dot" if dots == 0 else f"{dots} dot" + ("s" if dots > 1 else "")
+        reasons.append(f"why: {len(segments)} segment{'s' if dots else ''} ({counted}); "
+                       f"a JWT has 3: header.payload.signature")
+        reasons.append("hint: " + SEGMENT_COUNT_HINTS.get(
+            len(segments), "more than 2 dots: two tokens run together, or text after one?"))
+    foreign = next((at for at, char in enumerate(token)
+                    if char != "." and char not in BASE64URL_ALPHABET), None)
+    if foreign is not None:
+        char, segment = token[foreign], token.count(".", 0, foreign)
+        where = SEGMENT_NAMES[segment] if segment < 3 else f"segment {segment + 1}"
+        reasons.append(f"why: character {foreign + 1} of {len(token)}, {printable(repr(char))}, "
+                       f"in the {where}, is not base64url (A-Z a-z 0-9 - _)")
+        if char in CHARACTER_HINTS or char.isspace():
+            reasons.append("hint: " + CHARACTER_HINTS.get(
+                char, "a space or line break: the token was wrapped; join its lines"))
+    elif len(segments) == 3:
+        reasons += [f"why: the {name} is empty" for name, segment
+                    in zip(SEGMENT_NAMES[:2], segments) if not segment]
+    return reasons
 
 
 def read_token(args):
@@ -2973,15 +3079,9 @@ def explain(args):
     users = UserStore(args.users)
     narrator = Narrator(sys.stdout)
     now = time.time()
-    pasted = PASTED_HEADER.fullmatch(token)
-    if pasted:
-        # Go on with the token, as a teacher would; the server itself refuses the whole line.
-        token = pasted.group(2).strip()
-        after = "x-access-token: " if pasted.group(1).lower().startswith("x") else "Bearer "
-        narrator.say(f"Note: this looks like a whole header; the token is the part after "
-                     f"'{after}'.")
-        narrator.say("      Explaining that part. (Sent whole, as pasted, it is refused: "
-                     "jwt malformed.)")
+    token, notes = unwrap_pasted(token)
+    for note in notes:
+        narrator.say(note)
     if REFRESH_TOKEN_SHAPE.fullmatch(token):
         try:
             explain_refresh_token(token, config, narrator)
@@ -3019,7 +3119,11 @@ def explain(args):
 def build_parser():
     """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""
     parser = argparse.ArgumentParser(
-        prog="authserver.py", description="A JWT login server, standard library only.")
+        prog="authserver.py", description=(
+            "A JWT login server, standard library only. With no command it serves: the API "
+            "(POST /users/authenticate, GET /users/getInfo, ...) and the page at /, on --host "
+            "and --port, until Ctrl-C. The commands manage users and sessions, and explain "
+            "tokens."))
     parser.add_argument("--host", help="address to listen on (0.0.0.0: the whole LAN)")
     parser.add_argument("--port", type=int, help="port (default 4000; 0: any free port)")
     parser.add_argument("--config", type=Path, default=CONFIG_FILE,
@@ -3035,33 +3139,59 @@ def build_parser():
     files.add_argument("--users", type=Path, default=argparse.SUPPRESS, help="users file")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    adduser = commands.add_parser("adduser", parents=[files], help="add a user")
+    adduser = commands.add_parser("adduser", parents=[files], help="add a user", description=(
+        "Add a user to the users file, with a new random id. It asks for the password twice "
+        "on a terminal (not shown as you type), or reads one line from stdin when one is "
+        "piped in: echo 'pw' | python authserver.py adduser NAME. The password is stored "
+        "hashed (PBKDF2)."))
     adduser.add_argument("username")
     adduser.add_argument("--first-name")
     adduser.add_argument("--last-name")
     adduser.add_argument("--phone")
     adduser.set_defaults(action=add_user)
 
-    passwd = commands.add_parser("passwd", parents=[files], help="change a user's password")
+    passwd = commands.add_parser("passwd", parents=[files], help="change a user's password",
+                                 description=(
+        "Set a user's password (every other field is kept) and revoke the user's sessions. "
+        "It asks for the password twice on a terminal (not shown as you type), or reads one "
+        "line from stdin when one is piped in."))
     passwd.add_argument("username")
     passwd.set_defaults(action=change_password)
 
-    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions")
+    sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions",
+                                   description=(
+        "List a user's live sessions, one per login not yet logged out, revoked or expired: "
+        "its id (for revoke), when it was created and last used, when it expires, and the "
+        "address and browser it came from."))
     sessions.add_argument("username")
     sessions.set_defaults(action=list_sessions_command)
 
     revoke = commands.add_parser("revoke", parents=[files],
-                                 help="revoke a user's sessions (all, or the one given)")
+                                 help="revoke a user's sessions (all, or the one given)",
+                                 description=(
+        "End all of a user's sessions, or the one given: their refresh tokens are refused at "
+        "once, and their access tokens within a second, by a running server too. Tokens from "
+        "the token command have no session, and are not affected."))
     revoke.add_argument("username")
     revoke.add_argument("session", nargs="?", help="a session id from the sessions command")
     revoke.set_defaults(action=revoke_command)
 
-    token = commands.add_parser("token", parents=[files], help="print a token for a user")
+    token = commands.add_parser("token", parents=[files], help="print a token for a user",
+                                description=(
+        "Print an access token for a user, signed as a login's, without the password: for "
+        "curl and for explain. It belongs to no session (no sid claim), so it cannot be "
+        "revoked, by logout, revoke or passwd: it is good until its exp (tokenLifetime)."))
     token.add_argument("username")
     token.set_defaults(action=issue_token)
 
     explain_command = commands.add_parser("explain", parents=[files],
-                                          help="verify a token step by step")
+                                          help="verify a token step by step", description=(
+        "Verify a token as the server does, one step at a time, with the real values; exit 0 "
+        "if the server would accept it. The token is the argument; without one, or with '-', "
+        "it is read from stdin (piped in, or pasted on a terminal). A whole header line "
+        "(Authorization: Bearer eyJ..., x-access-token: eyJ...), a token in its JSON quotes "
+        "or one wrapped over lines is explained too, with a note. A refresh token is looked "
+        "up in the sessions file."))
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
     explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
     return parser

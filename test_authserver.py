@@ -4,6 +4,18 @@ Run: python -m unittest -v
 Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 """
 
+import os
+import sys
+
+# Before `import authserver`: its own check ends in SystemExit, which unittest's discovery
+# catches (a bare except) and reports as a failed import, traceback and all. A SkipTest
+# would report success. So: one line, and out at once with a failure's exit code.
+# (This file must stay parseable by Python 3.6 to 3.8 for this line to be reached.)
+if sys.version_info < (3, 9):
+    sys.stderr.write("authserver needs Python 3.9+ (this is %d.%d)\n" % sys.version_info[:2])
+    sys.stderr.flush()
+    os._exit(1)
+
 import ast
 import base64
 import errno
@@ -14,7 +26,6 @@ import http.client
 import http.server
 import io
 import json
-import os
 import runpy
 import re
 import queue
@@ -26,7 +37,6 @@ import socketserver
 import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -3290,7 +3300,7 @@ class TestLimitsCatchMutations(SharedServerCase):
         files = Files(self, users=[make_user(7, "ann", "x"), make_user(7, "bob", "y")])
         with self.assertRaises(authserver.ConfigError) as caught:
             authserver.UserStore(files.users)
-        self.assertIn("id 7 is twice", str(caught.exception))
+        self.assertIn("the id 7 is used by both 'ann' and 'bob'", str(caught.exception))
         files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
         self.assertEqual(len(authserver.UserStore(files.users).tables.by_id), 2)  # 7 is not "7"
 
@@ -4483,6 +4493,308 @@ class TestBenchMechanisms(unittest.TestCase):
                                       text=True, timeout=60)
                 self.assertEqual((done.returncode, done.stderr), (0, ""))
                 self.assertIn("usage:", done.stdout)
+
+
+# ---------------------------------------------------------------------------
+# The command line for newcomers: why a token is malformed, help texts, BOMs, old Pythons
+# ---------------------------------------------------------------------------
+
+def normalised(text):
+    """text with every run of whitespace as one space: argparse wraps to the terminal."""
+    return " ".join(text.split())
+
+
+def help_text(*args):
+    """What `python authserver.py ARGS --help` prints (exit 0), run in this process."""
+    out = io.StringIO()
+    with mock.patch("sys.stdout", out), mock.patch.dict(os.environ, {"COLUMNS": "100"}), \
+            self_exit() as caught:
+        authserver.main([*args, "--help"])
+    assert caught.code == 0, caught.code
+    return out.getvalue()
+
+
+class self_exit:
+    """Catches the SystemExit of --help; .code is its exit code."""
+
+    code = "no SystemExit"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is SystemExit:
+            self.code = error.code
+            return True
+        return False
+
+
+class TestCliFixesMalformed(unittest.TestCase):
+    """explain says why a token is malformed, and takes back what copying added to it."""
+
+    def setUp(self):
+        self.files = Files(self)
+        self.token = token_for()
+
+    def explain(self, *args, stdin=""):
+        return explain_cli(self.files, *args, stdin=stdin)
+
+    def assert_explained_with_note(self, result, *phrases):
+        self.assertEqual((result.returncode, result.stderr), (0, ""), result.stdout)
+        first_step = result.stdout.index("1. Split at the dots")
+        notes = result.stdout[:first_step]
+        self.assertTrue(notes.startswith("Note: "), result.stdout)
+        for phrase in phrases:
+            self.assertIn(phrase, normalised(notes))
+        self.assertIn("(Sent as pasted, it is refused: jwt malformed.)", normalised(notes))
+        self.assertIn(f"3 segments of base64url, {len(self.token)} characters", result.stdout)
+        self.assertIn("Verdict: valid", result.stdout)
+
+    def test_json_quotes_are_taken_off_with_a_note(self):
+        token = self.token
+        for pasted in (f'"{token}"', f'"token":"{token}"', f'"token": "{token}",',
+                       f'{{"token":"{token}","expiresIn":"1h"}}', f"'{token}'"):
+            with self.subTest(pasted):
+                self.assert_explained_with_note(self.explain(pasted),
+                                                "copied with its quotes")
+        piped = self.explain(stdin=f'  "token":"{token}"\n')
+        self.assert_explained_with_note(piped, "copied with its quotes")
+
+    def test_a_wrapped_token_is_joined_with_a_note(self):
+        token = self.token
+        for pasted in (token[:40] + "\n" + token[40:], token[:70] + "\r\n  " + token[70:],
+                       token[:10] + " " + token[10:90] + "\t" + token[90:]):
+            with self.subTest(pasted):
+                self.assert_explained_with_note(self.explain(pasted), "line break or space")
+                self.assert_explained_with_note(self.explain(stdin=pasted + "\n"),
+                                                "line break or space")
+        both = self.explain(f'"token": "{token[:50]}\n{token[50:]}"')
+        self.assert_explained_with_note(both, "copied with its quotes", "line break or space")
+        self.assertNotIn("Note:", self.explain(token).stdout)
+
+    def assert_malformed(self, token, *why):
+        result = self.explain(token)
+        self.assertEqual((result.returncode, result.stderr), (1, ""), result.stdout)
+        out = result.stdout
+        fail = out.index("FAIL JsonWebTokenError: jwt malformed")
+        verdict = out.index("Verdict: rejected")
+        reasons = normalised(out[fail:verdict])
+        for phrase in why:
+            self.assertIn(phrase, reasons, out)
+        return reasons
+
+    def test_the_number_of_segments(self):
+        head, payload, signature = self.token.split(".")
+        self.assert_malformed(f"{head}.{payload}", "2 segments (1 dot); a JWT has 3",
+                              "header.payload.signature", "cut short")
+        self.assert_malformed(f"{self.token}.{signature}", "4 segments (3 dots); a JWT has 3")
+        self.assert_malformed(head, "1 segment (no dot); a JWT has 3")
+        self.assert_malformed(f"{self.token}.a.b", "5 segments (4 dots)", "encrypted")
+
+    def test_the_first_character_that_is_not_base64url_and_where(self):
+        head, payload, signature = self.token.split(".")
+        at = len(head) + 1 + 20                 # 0-based: the 21st character of the payload
+        for char, hint in (("!", None), ("+", "base64url uses - and _"),
+                           ("=", "padding"), ('"', "quote"), ("é", None)):
+            with self.subTest(char):
+                bad = self.token[:at] + char + self.token[at + 1:]
+                reasons = self.assert_malformed(
+                    bad, f"character {at + 1} of {len(bad)}, {char!r}, in the payload, is not "
+                         f"base64url (A-Z a-z 0-9 - _)")
+                if hint:
+                    self.assertIn(hint, reasons)
+        # Quotes copied on one side only are not taken off: the reason names them.
+        self.assert_malformed(self.token + '",', f"character {len(self.token) + 1} of "
+                                                 f"{len(self.token) + 2}, '\"', in the signature")
+        self.assert_malformed(f".{payload}.{signature}", "the header is empty")
+        self.assert_malformed(self.token + "A" * 9000, "longer than the 8192")
+
+    def test_the_server_itself_keeps_refusing_such_tokens(self):
+        server = start_server(self, self.files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        token = self.token
+        for headers in ({"Authorization": f'Bearer "{token}"'},
+                        {"x-access-token": f'"{token}"'},
+                        {"Authorization": f"Bearer {token[:40]} {token[40:]}"},
+                        {"x-access-token": f"{token[:40]} {token[40:]}"},
+                        {"x-access-token": ".".join(token.split(".")[:2])}):
+            with self.subTest(headers):
+                status, _, body = client.request("GET", "/users/getInfo", headers=headers)
+                self.assertEqual((status, body["message"]), (401, "jwt malformed"))
+
+
+class TestCliFixesRefusedHeader(unittest.TestCase):
+    """A refused header (alg none, crit, not JSON) still shows the payload, not trusted."""
+
+    def test_the_payload_is_shown_readable_but_not_trusted(self):
+        files = Files(self)
+        now = int(time.time())
+        claims = {"id": 81623, "username": "test", "iat": now, "exp": now + 600}
+        payload = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+        for token, error in (
+                (forge({"alg": "none", "typ": "JWT"}, claims, signature=""), "invalid algorithm"),
+                (forge({"alg": "HS512"}, claims), "invalid algorithm"),
+                (forge({"alg": "HS256", "crit": ["x"], "x": 1}, claims), "invalid token"),
+                (f"{b64url_encode(b'not json')}.{payload}.{SIGNATURE}", "invalid token")):
+            with self.subTest(error=error, token=token):
+                result = explain_cli(files, token)
+                self.assertEqual((result.returncode, result.stderr), (1, ""))
+                out = result.stdout
+                order = [out.index("2. Decode the header"),
+                         out.index(f"FAIL JsonWebTokenError: {error}"),
+                         out.index("Readable, but not trusted:"),
+                         out.index(f'{{"id":81623,"username":"test","iat":{now},'
+                                   f'"exp":{now + 600}}}'),
+                         out.index(f"exp {now + 600} = 20"),
+                         out.index("Verdict: rejected")]
+                self.assertEqual(order, sorted(order), out)
+                self.assertNotIn("3. Recompute the signature", out)
+
+
+class TestCliFixesHelp(unittest.TestCase):
+    """Every command's --help says what it does, in words a newcomer needs."""
+
+    def test_the_main_help_says_no_command_means_serve(self):
+        text = normalised(help_text()).lower()
+        self.assertIn("with no command it serves", text)
+
+    def test_adduser_and_passwd_say_where_the_password_comes_from(self):
+        for command in ("adduser", "passwd"):
+            with self.subTest(command):
+                text = normalised(help_text(command))
+                self.assertIn("asks for the password twice", text)
+                self.assertIn("reads one line from stdin", text)
+
+    def test_token_says_it_has_no_session_and_that_is_true(self):
+        text = normalised(help_text("token"))
+        self.assertIn("belongs to no session (no sid claim)", text)
+        self.assertIn("cannot be revoked", text)
+        files = Files(self)
+        code, out, err = main_in_process("token", "test", "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual((code, err), (0, ""))
+        claims = json.loads(b64url_decode(out.strip().split(".")[1]))
+        self.assertEqual(sorted(claims), ["exp", "iat", "id", "username"])
+        # ... and revoking the user's sessions leaves it good.
+        self.assertEqual(main_in_process("revoke", "test", "--config", files.config,
+                                         "--users", files.users)[0], 0)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        status, _, body = client.request("GET", "/users/getInfo", headers=bearer(out.strip()))
+        self.assertEqual((status, body["username"]), (200, "test"))
+
+    def test_explain_sessions_and_revoke(self):
+        explain_help = normalised(help_text("explain"))
+        for phrase in ("read from stdin", "'-'", "Authorization: Bearer"):
+            self.assertIn(phrase, explain_help)
+        self.assertIn("list a user's live sessions", normalised(help_text("sessions")).lower())
+        self.assertIn("end all of a user's sessions, or the one given",
+                      normalised(help_text("revoke")).lower())
+
+
+class TestCliFixesRunningServer(unittest.TestCase):
+    """passwd and adduser say that a running server picks the change up, and it does."""
+
+    def run_with_password(self, files, *args, password="n3w-pa55w0rd"):
+        with mock.patch("sys.stdin", io.StringIO(password + "\n")):
+            return main_in_process(*args, "--config", files.config, "--users", files.users)
+
+    def test_passwd_and_adduser(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        line = (f"A server running with {files.users} picks this up within a second.")
+        for reloads, (args, login) in enumerate(
+                ((("passwd", "test"), login_body("test", "n3w-pa55w0rd")),
+                 (("adduser", "newcomer"), login_body("newcomer", "n3w-pa55w0rd"))), 1):
+            with self.subTest(args[0]):
+                code, out, err = self.run_with_password(files, *args)
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(out.splitlines()[1:], [line], out)
+                # No request in between: the idle server notices by itself (not by polling
+                # logins, which would meet the failed-login limiter first).
+                self.assertTrue(poll_until(
+                    lambda: server.test_log.getvalue().count("users file reloaded") == reloads))
+                status, _, body = client.request("POST", "/users/authenticate", login)
+                self.assertEqual(status, 200, body)
+
+
+class TestCliFixesByteOrderMark(unittest.TestCase):
+    """config.json and users.json saved by Windows Notepad (UTF-8 with a BOM) are read."""
+
+    def test_json_files_with_a_bom(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for path in (files.config, files.users):
+            path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        status, _, body = client.request("POST", "/users/authenticate", login_body())
+        self.assertEqual(status, 200, body)
+        code, out, err = main_in_process("token", "test", "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual((code, err), (0, ""))
+        with mock.patch("sys.stdin", io.StringIO("n3w-pa55w0rd\n")):
+            code, out, err = main_in_process("adduser", "newcomer", "--config", files.config,
+                                             "--users", files.users)
+        self.assertEqual((code, err), (0, ""))
+        written = files.users.read_bytes()
+        self.assertTrue(written.startswith(b"[\n"), written[:10])     # written without one
+        self.assertEqual([user["username"] for user in json.loads(written)],
+                         ["test", "ncuser", "café", "newcomer"])
+        # A BOM is not a licence for other encodings: Latin-1 is still one line, exit 2.
+        files.users.write_bytes('[{"id": 1, "username": "caf\xe9"}]'.encode("latin-1"))
+        code, out, err = main_in_process("token", "test", "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual(code, 2)
+        self.assertTrue(err.startswith(f"authserver: users file {files.users}: 'utf-8"), err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+
+class TestCliFixesDuplicateUsers(unittest.TestCase):
+    """A duplicate in users.json is named: the username twice, or the id with both names."""
+
+    def test_which_is_twice(self):
+        for users, message in (
+                ([make_user(1, "bob", "x"), make_user(2, "bob", "y")],
+                 "the username 'bob' appears twice"),
+                ([make_user(7, "ann", "x"), make_user(8, "cid", "z"), make_user(7, "bob", "y")],
+                 "the id 7 is used by both 'ann' and 'bob'"),
+                ([make_user("u7", "ann", "x"), make_user("u7", "bob", "y")],
+                 "the id 'u7' is used by both 'ann' and 'bob'")):
+            with self.subTest(message):
+                files = Files(self, users=users)
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.UserStore(files.users)
+                self.assertEqual(str(caught.exception), f"users file {files.users}: {message}")
+
+
+class TestCliFixesOldPython(unittest.TestCase):
+    """`python -m unittest` on Python 3.6 to 3.8: one line and a non-zero exit."""
+
+    def test_the_test_suite_on_older_interpreters(self):
+        found = {}
+        for version in ("3.6", "3.7", "3.8"):
+            candidates = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+            if candidates:                       # not the shims: a pyenv shim may not run
+                found[version] = candidates[0]
+        if "3.8" not in found:
+            self.skipTest("no Python 3.8 in ~/.pyenv/versions")
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder, True)
+        for name in ("authserver.py", "test_authserver.py"):
+            shutil.copy(HERE / name, folder / name)
+        for version, python in found.items():
+            with self.subTest(python=str(python)):
+                result = subprocess.run([str(python), "-m", "unittest"], cwd=folder,
+                                        capture_output=True, text=True, timeout=60,
+                                        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                self.assertEqual((result.stdout, result.stderr),
+                                 ("", f"authserver needs Python 3.9+ (this is {version})\n"))
+                self.assertNotEqual(result.returncode, 0)
 
 
 if __name__ == "__main__":
