@@ -18,17 +18,22 @@ The payload is encoded, not encrypted: anyone can read it. What the server check
 the signature matches, that the algorithm is the one it uses (HS256, never "none"), and
 that the token has not expired. `python authserver.py explain TOKEN` walks through every check.
 
-The file reads top to bottom, each section using only what stands above it:
+The file reads top to bottom, each section using only what stands above it (the tests
+check that, and that this list matches the sections' banners):
 
-    1. Settings            config.json, the signing secret, the limits
-    2. base64url           RFC 4648 §5, strict
-    3. JWT                 encode_token / decode_token: pure functions, no HTTP
-    4. Users and passwords users.json, PBKDF2 hashes, the failed-login limiter, sessions
-    5. HTTP errors         one HTTPError, one JSON responder
-    6. Middleware          a list of small steps every request goes through
-    7. Routes              a table of (method, path) -> function
-    8. The handler         reading a request within limits, writing one response
-    9. Server and CLI      serving, adduser / passwd / token / explain
+    1. Settings                            config.json, the signing secret, the limits
+    2. base64url                           RFC 4648 §5, strict
+    3. JWT                                 encode_token / decode_token: pure, no HTTP
+    4. Users and passwords                 users.json, PBKDF2, sign-up rules, login limits
+    5. Sessions                            refresh tokens, logout, revocation, in SQLite
+    6. HTTP errors and the JSON responder  HTTPError; a Response made into bytes
+    7. Middleware                          the steps every request goes through
+    8. Routes                              a table of (method, path) -> function
+    9. The handler                         reading a request within limits, writing once
+    10. The server                         connections, caps, slow clients, stopping
+    11. Command line                       serving; adduser / passwd / sessions / revoke
+    12. Teaching                           the token and explain commands
+    13. Main                               the command line's parser, and main()
 
 It is the Node.js "JWT authentication server" tutorial's API, made safe: a teaching
 example and a LAN demo, not a production identity provider (see README.md).
@@ -85,6 +90,8 @@ except ImportError:
     resource = None                 # Windows: no such limit on sockets
 
 HERE = Path(__file__).resolve().parent
+CONFIG_FILE = HERE / "config.json"      # the files used when --config / --users are not given
+USERS_FILE = HERE / "users.json"
 
 
 # ---------------------------------------------------------------------------
@@ -189,14 +196,13 @@ def read_json_file(path, what):
 
 def load_config(path):
     """config.json merged over the defaults, checked, with tokenLifetime in seconds."""
-    loaded = read_json_file(path, "config file")
+    loaded, where = read_json_file(path, "config file"), f"config file {path}"
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: must hold a JSON object")
+        raise ConfigError(f"{where}: must hold a JSON object")
     unknown = sorted(set(loaded) - set(DEFAULT_CONFIG))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r}")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
     config = {**DEFAULT_CONFIG, **loaded, "path": Path(path)}
-    where = f"config file {path}"
     for name in ("tokenLifetime", "refreshTokenLifetime"):
         config[name] = parse_duration(config[name], f"{where}: {name}")
     if config["refreshTokenLifetime"] < config["tokenLifetime"]:
@@ -209,12 +215,12 @@ def load_config(path):
             raise ConfigError(f"{where}: {name} must be true or false")
     for name in ("secret", "secretFile", "host", "sessionsFile"):
         if not isinstance(config[name], str):
-            raise ConfigError(f"config file {path}: {name} must be a string")
+            raise ConfigError(f"{where}: {name} must be a string")
     if not config["sessionsFile"]:
-        raise ConfigError(f"config file {path}: sessionsFile must not be empty")
+        raise ConfigError(f"{where}: sessionsFile must not be empty")
     for name in ("issuer", "audience"):
         if config[name] is not None and not (isinstance(config[name], str) and config[name]):
-            raise ConfigError(f"config file {path}: {name} must be null or a non-empty string")
+            raise ConfigError(f"{where}: {name} must be null or a non-empty string")
     return config
 
 
@@ -763,6 +769,8 @@ def check_profile(fields):
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
 # once per load of the file instead of once per request.
 User = namedtuple("User", "record public_json")
+# What UserStore.read makes of the file; dummy_hash is checked when a name is unknown.
+UserTables = namedtuple("UserTables", "by_name by_id dummy_hash")
 
 
 class UserStore:
@@ -783,7 +791,7 @@ class UserStore:
         self.tables = self.read()
 
     def read(self):
-        """Parse and check the file: (users by name, users by id, dummy hash), or ConfigError."""
+        """Parse and check the file into UserTables, or ConfigError."""
         stamp = self.file_stamp()
         records = read_json_file(self.path, "users file")
         check_users(records, self.path)
@@ -792,9 +800,9 @@ class UserStore:
         # Unknown names are checked against a hash as slow as the slowest real one.
         iterations = max((split_password_hash(record["passwordHash"])[0] for record in records),
                          default=DEFAULT_CONFIG["passwordIterations"])
-        return ({user.record["username"]: user for user in users},
-                {user.record["id"]: user for user in users},
-                dummy_hash(iterations))
+        return UserTables(by_name={user.record["username"]: user for user in users},
+                          by_id={user.record["id"]: user for user in users},
+                          dummy_hash=dummy_hash(iterations))
 
     def file_stamp(self):
         try:
@@ -818,7 +826,7 @@ class UserStore:
             self.next_check = now + self.RECHECK_SECONDS
             if self.file_stamp() == self.stamp:
                 if force:                           # asked (SIGHUP): say that nothing changed
-                    self.log(f"users file unchanged: {len(self.tables[0])} users")
+                    self.log(f"users file unchanged: {len(self.tables.by_name)} users")
                 return
             try:
                 self.tables = self.read()
@@ -826,22 +834,21 @@ class UserStore:
                 self.stamp = self.file_stamp()      # say it once, not every second
                 self.log(f"users file not reloaded, keeping the last good one: {error}")
                 return
-        self.log(f"users file reloaded: {len(self.tables[0])} users")
+        self.log(f"users file reloaded: {len(self.tables.by_name)} users")
 
     def find_by_name(self, username):
         """(the User or None, the hash to check the password against: a dummy if None)."""
         self.refresh()
-        by_name, _, dummy = self.tables
-        user = by_name.get(username)
-        return user, user.record["passwordHash"] if user else dummy
+        tables = self.tables
+        user = tables.by_name.get(username)
+        return user, user.record["passwordHash"] if user else tables.dummy_hash
 
     def user_for(self, claims):
         """The User a verified token speaks of; TokenError if it no longer exists as such."""
         self.refresh()
         user_id = claims.get("id")
-        user = self.tables[1].get(user_id) if type(user_id) in (int, str) else None  # True == 1
-        if (user is None or type(user.record["id"]) is not type(user_id)
-                or user.record["username"] != claims.get("username")):
+        user = self.tables.by_id.get(user_id) if type(user_id) in (int, str) else None  # True == 1
+        if user is None or user.record["username"] != claims.get("username"):
             raise TokenError("user not found")
         return user
 
@@ -911,7 +918,9 @@ def decode_password(encoded):
         return raw.decode("latin-1")
 
 
-# -- sessions: refresh tokens, logout, revocation -----------------------------
+# ---------------------------------------------------------------------------
+# 5. Sessions: refresh tokens, logout, revocation
+# ---------------------------------------------------------------------------
 # An access token is stateless: nobody can take it back before its exp. A session is the
 # stateful half that makes logout possible. Each login starts one, in SQLite; the access
 # token names it ("sid"), and a refresh token, random and opaque, renews it. Revoking the
@@ -1232,7 +1241,7 @@ class SessionStore:
 
 
 # ---------------------------------------------------------------------------
-# 5. HTTP errors and the JSON responder
+# 6. HTTP errors and the JSON responder
 # ---------------------------------------------------------------------------
 
 class Response:
@@ -1300,12 +1309,83 @@ def log_time(second):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
+SERVER_VERSION = "authserver/1.0"
+
+
+def response_bytes(response, now, connection="", head=False):
+    """A Response as bytes on the wire: status line, headers, then the JSON body.
+
+    connection: "close" or "keep-alive" to say so in a Connection header, "" to say
+    nothing. head: a HEAD request, answered with GET's headers and no body.
+    """
+    body, status = response.body, response.status
+    payload = body if isinstance(body, bytes) else json_bytes(body)
+    lines = [f"{STATUS_LINES[status]}Date: {http_date(int(now))}\r\n"
+             f"Server: {SERVER_VERSION}\r\n{COMMON_HEADERS}"]
+    if status != 204:
+        lines.append(f"Content-Type: {response.content_type}\r\n"
+                     f"Content-Length: {len(payload)}\r\n")
+    lines.extend(f"{name}: {value}\r\n" for name, value in response.headers)
+    if connection:
+        lines.append(f"Connection: {connection}\r\n")
+    lines.append("\r\n")
+    head_bytes = "".join(lines).encode("latin-1")
+    return head_bytes if head or status == 204 else head_bytes + payload
+
+
 # ---------------------------------------------------------------------------
-# 6. Middleware: every request runs through these steps, in this order
+# 7. Middleware: every request runs through these steps, in this order
 # ---------------------------------------------------------------------------
 # A step takes the request and returns a Response to answer now, or None to go on;
-# it may also raise HTTPError. The router is simply the last step; the table it looks
-# in, ROUTES, is the next section.
+# it may also raise HTTPError. The router is simply the last step. The table it looks
+# in is the server's `routes`, a RouteTable: defined here, filled in by the next section.
+#
+# The request is the connection's handler (section 9). What a step or a route may use:
+#   request.command        the method, "GET", "POST", ... (HEAD is routed as GET)
+#   request.route_path     the path, without the query string
+#   request.headers        Headers: any spelling of a name finds it ("Authorization")
+#   request.body           the body's bytes, b"" when there is none
+#   request.client_address (address, port) of the client
+#   request.server         the AuthServer: config, key, users, sessions, routes, limiter
+#   request.user, request.session_id   set by require_token for the routes after it
+
+
+class Headers(dict):
+    """A request's headers: names stored in lower case, and found in any case."""
+    __slots__ = ()
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+class RouteTable:
+    """The routes a server answers: actions keyed by (method, path), and the public paths."""
+
+    def __init__(self, actions, public_paths):
+        self.actions = dict(actions)
+        self.public_paths = frozenset(public_paths)
+
+    def action_for(self, method, path):
+        """The function that answers method on path, or None."""
+        return self.actions.get((method, path))
+
+    def is_public(self, path):
+        """Whether path is answered without a token."""
+        return path in self.public_paths
+
+    def allowed_methods(self, path):
+        """The Allow header for path, "" for an unknown one."""
+        methods = sorted(method for method, route_path in self.actions if route_path == path)
+        if "GET" in methods:
+            methods.append("HEAD")
+        return ", ".join(methods + ["OPTIONS"]) if methods else ""
+
 
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
@@ -1316,7 +1396,7 @@ def answer_preflight(request):
     if request.command != "OPTIONS":
         return None
     headers = [("Access-Control-Allow-Methods", CORS_METHODS),
-               ("Allow", allowed_methods(request.server.routes, request.route_path)
+               ("Allow", request.server.routes.allowed_methods(request.route_path)
                 or CORS_METHODS)]
     asked = request.headers.get("access-control-request-headers")
     if asked and HEADER_LIST.fullmatch(asked):
@@ -1334,9 +1414,23 @@ def bearer_token(headers):
     return credentials.strip() if scheme.lower() == "bearer" else ""
 
 
+# The server's config decides what its tokens say and what is asked of them; these two
+# functions are the only places that read it for that. A new claim goes in both.
+
+def login_claims(config, record, now, session_id=None):
+    """What a token issued under config says of the user record (at login, or by `token`)."""
+    return make_claims(record, now, config["tokenLifetime"], config["issuer"],
+                       config["audience"], session_id)
+
+
+def claim_checks(config):
+    """What config asks of a token's claims: keywords for decode_token and check_claims."""
+    return {"leeway": config["leeway"], "issuer": config["issuer"], "audience": config["audience"]}
+
+
 def require_token(request):
     """Every path but the public ones needs a valid token for a user who still exists."""
-    if request.route_path in request.server.public_paths:
+    if request.server.routes.is_public(request.route_path):
         return None
     token = bearer_token(request.headers)
     if not token:
@@ -1344,10 +1438,8 @@ def require_token(request):
                         body={"error": True, "message": "No token provided."},
                         headers=(("WWW-Authenticate", 'Bearer realm="authserver"'),))
     server = request.server
-    config = server.config
     try:
-        claims = decode_token(token, server.key, leeway=config["leeway"],
-                              issuer=config["issuer"], audience=config["audience"])
+        claims = decode_token(token, server.key, **claim_checks(server.config))
         # Signed by us, but is its user still there (and did the token name a real one)?
         request.user = server.users.user_for(claims)
         request.session_id = check_session(server.sessions, claims)
@@ -1374,10 +1466,10 @@ def check_session(sessions, claims):
 def route(request):
     """Last step: the function for (method, path), or 404 / 405."""
     method = "GET" if request.command == "HEAD" else request.command
-    action = request.server.routes.get((method, request.route_path))
+    action = request.server.routes.action_for(method, request.route_path)
     if action is not None:
         return action(request)
-    allowed = allowed_methods(request.server.routes, request.route_path)
+    allowed = request.server.routes.allowed_methods(request.route_path)
     if allowed:
         raise HTTPError(405, f"Method {request.command} not allowed on {request.route_path}",
                         headers=(("Allow", allowed),))
@@ -1396,7 +1488,7 @@ def run_middleware(request):
 
 
 # ---------------------------------------------------------------------------
-# 7. Routes
+# 8. Routes
 # ---------------------------------------------------------------------------
 
 def read_fields(request):
@@ -1457,7 +1549,7 @@ def authenticate(request):
     user, stored_hash = server.users.find_by_name(username)
     password = decode_password(encoded_password)
     # The hash is always computed, even for an unknown user, so time tells nothing.
-    with server.hashing:
+    with server.hash_slots:
         matches = verify_password(password or "", stored_hash)
     if not (matches and user and password is not None):
         raise HTTPError(400, "Username or password is incorrect")
@@ -1478,8 +1570,7 @@ def token_pair(server, record, renewal):
     gets byte for byte the same token.
     """
     config = server.config
-    claims = make_claims(record, renewal.issued_at, config["tokenLifetime"], config["issuer"],
-                         config["audience"], renewal.session_id)
+    claims = login_claims(config, record, renewal.issued_at, renewal.session_id)
     return Response(200, {"token": encode_token(claims, server.key),
                           "expiresIn": config["tokenLifetime"],
                           "refreshToken": renewal.refresh_token,
@@ -1573,7 +1664,7 @@ def register(request):
     username, password, profile = read_registration(request)
     if server.users.find_by_name(username)[0] is not None:      # saves hashing in vain
         raise username_taken(username)
-    with server.hashing:                # slow, so before the users file is locked
+    with server.hash_slots:             # slow, so before the users file is locked
         password_hash = hash_password(password, server.config["passwordIterations"])
     try:
         record = add_user_record(server.users.path, username, password_hash, profile)
@@ -1660,18 +1751,11 @@ PUBLIC_PATHS = {"/users/authenticate", "/users/refresh", "/users/logout", "/user
 OPTIONAL_ROUTES = {("POST", "/users/register"): "allowRegistration"}
 
 
-def enabled_routes(config):
+def route_table(config):
     """ROUTES without the optional ones config leaves off: the table a server routes by."""
-    return {key: action for key, action in ROUTES.items()
-            if key not in OPTIONAL_ROUTES or config[OPTIONAL_ROUTES[key]]}
-
-
-def allowed_methods(routes, path):
-    """The Allow header for a path among routes, "" for an unknown one."""
-    methods = sorted(method for method, route_path in routes if route_path == path)
-    if "GET" in methods:
-        methods.append("HEAD")
-    return ", ".join(methods + ["OPTIONS"]) if methods else ""
+    actions = {key: action for key, action in ROUTES.items()
+               if key not in OPTIONAL_ROUTES or config[OPTIONAL_ROUTES[key]]}
+    return RouteTable(actions, PUBLIC_PATHS & {path for _, path in actions})
 
 
 # -- GET /openapi.json: the routes above, described for Postman, Insomnia and generators --
@@ -1851,7 +1935,7 @@ version); and 404 / 405 (with `Allow`) for an unknown path or method."""
 def openapi_document(routes, server_url):
     """The OpenAPI 3.1 document of routes, as served at server_url."""
     paths = {}
-    for (method, path), action in routes.items():
+    for (method, path), action in routes.actions.items():
         paths.setdefault(path, {})[method.lower()] = openapi_operation(method, path, action)
     return {"openapi": "3.1.0",
             "info": {"title": "authserver", "version": "1.0",
@@ -1906,14 +1990,14 @@ def openapi_response(schema, when, headers=()):
 
 
 # ---------------------------------------------------------------------------
-# 8. The handler: read one request within limits, run the middleware, write once
+# 9. The handler: read one request within limits, run the middleware, write once
 # ---------------------------------------------------------------------------
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
-TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# An HTTP "token" (RFC 9110 §5.6.2), what a method or a header name is made of; not a JWT.
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-HOST_HEADER = re.compile(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 
 
 class ClientGone(ConnectionError):
@@ -1924,7 +2008,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     """One connection: requests read by hand so that every byte is bounded and timed."""
 
     protocol_version = "HTTP/1.1"      # keep-alive: one connection serves many requests
-    server_version = "authserver/1.0"
+    server_version = SERVER_VERSION
     # Nagle's algorithm holds back a small write until the last one is acknowledged, and
     # the client delays that ACK: 40 ms lost per keep-alive request. We write each
     # response in one piece anyway; this makes sure nothing waits.
@@ -2055,7 +2139,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             if HTTP_VERSION.fullmatch(version):
                 raise HTTPError(505, f"HTTP version {version} is not supported")
             raise HTTPError(400, "Bad request line")
-        if not TOKEN_CHARS.fullmatch(method):
+        if not HTTP_TOKEN.fullmatch(method):
             raise HTTPError(400, "Bad request line")
         if not target.startswith("/") or not target.isascii() or not target.isprintable():
             raise HTTPError(400, "Bad request target")
@@ -2065,8 +2149,8 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(501, f"Method {method} is not implemented")
 
     def read_headers(self):
-        """Header lines into a dict of lower-case names; bounded in size and count."""
-        headers, total = {}, 0
+        """Header lines into Headers; bounded in size and count."""
+        headers, total = Headers(), 0
         while True:
             line = self.rfile.readline(MAX_HEADER_BYTES + 1 - total)
             total += len(line)
@@ -2080,7 +2164,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
             value = value.strip(" \t\r\n")
             # No space before the colon, no folded lines, no control characters: each is
             # a way to make two servers read one request differently (RFC 9112 §5).
-            if not colon or not TOKEN_CHARS.fullmatch(name) or BAD_VALUE_CHARS.search(value):
+            if not colon or not HTTP_TOKEN.fullmatch(name) or BAD_VALUE_CHARS.search(value):
                 raise HTTPError(400, "Bad header line")
             name = name.lower()
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
@@ -2122,28 +2206,18 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- writing ------------------------------------------------------------
 
     def send(self, response):
-        """One log line, then status line, headers and body in one write."""
-        body = response.body
-        payload = body if isinstance(body, bytes) else json_bytes(body)
-        status = response.status
+        """One log line, then the response's bytes in one write."""
         now = time.time()
         if self.server.stopping:
             self.close_connection = True
-        lines = [f"{STATUS_LINES[status]}Date: {http_date(int(now))}\r\n"
-                 f"Server: {self.server_version}\r\n{COMMON_HEADERS}"]
-        if status != 204:
-            lines.append(f"Content-Type: {response.content_type}\r\n"
-                         f"Content-Length: {len(payload)}\r\n")
-        lines.extend(f"{name}: {value}\r\n" for name, value in response.headers)
         if self.close_connection:
-            lines.append("Connection: close\r\n")     # say so, or clients see a read error
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+            connection = "close"            # say so, or clients see a read error
+        else:
+            connection = "keep-alive" if self.request_version == "HTTP/1.0" else ""
+        data = response_bytes(response, now, connection, head=self.command == "HEAD")
         # Log first, so the line is written by the time the client has its answer.
-        self.server.log_request(self, status, now)
-        self.write_in_time(head if self.command == "HEAD" or status == 204 else head + payload)
+        self.server.log_request(self, response.status, now)
+        self.write_in_time(data)
 
     def write_in_time(self, data):
         """Write data within requestTimeout, or fail: a client that does not read holds no thread.
@@ -2161,14 +2235,9 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             server.unwatch(self.connection)
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors, made JSON like all of ours."""
-        self.close_connection = True
-        self.send(Response(code, {"message": message or HTTPStatus(code).phrase}))
-
 
 # ---------------------------------------------------------------------------
-# 9. Server and command line
+# 10. The server: connections, limits, slow clients, stopping
 # ---------------------------------------------------------------------------
 
 class InFlight:
@@ -2266,14 +2335,13 @@ class AuthServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, config, users, key, tls_context=None, log_stream=None):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
-        self.routes = enabled_routes(config)
-        self.public_paths = PUBLIC_PATHS & {path for _, path in self.routes}
+        self.routes = route_table(config)
         self.limiter = LoginLimiter({"user": config["loginAttempts"],
                                      "address": config["addressLoginAttempts"]},
                                     config["loginWindow"])
         # One password hash per CPU at a time: a burst of logins waits its turn instead of
         # taking every core from the requests behind it.
-        self.hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self.hash_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         page = HERE / "test.html"
         self.page = page.read_bytes() if page.exists() else None
         self.deadlines = {}              # connection -> (monotonic deadline, how to cut it)
@@ -2351,15 +2419,11 @@ class AuthServer(http.server.ThreadingHTTPServer):
         here, so it is simply closed.
         """
         if self.tls_context is None:
-            body = json_bytes({"message": message})
-            head = (f"{STATUS_LINES[503]}Date: {http_date(int(time.time()))}\r\n"
-                    f"Server: {AuthRequestHandler.server_version}\r\n{COMMON_HEADERS}"
-                    f"Content-Type: application/json; charset=utf-8\r\n"
-                    f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_SECONDS}\r\n"
-                    f"Connection: close\r\n\r\n")
+            busy = Response(503, {"message": message},
+                            headers=(("Retry-After", str(BUSY_RETRY_SECONDS)),))
             try:
                 request.setblocking(False)
-                request.send(head.encode("latin-1") + body)
+                request.send(response_bytes(busy, time.time(), "close"))
                 request.shutdown(socket.SHUT_WR)
                 request.recv(65536)          # what the client sent already: closing on
             except OSError:                  # unread bytes would reset the connection
@@ -2448,9 +2512,9 @@ class AuthServer(http.server.ThreadingHTTPServer):
 def make_server(config_path=None, users_path=None, host=None, port=None,
                 tls_context=None, log_stream=None):
     """Load config, secret and users, and bind a server (not yet serving)."""
-    config = load_config(config_path or HERE / "config.json")
+    config = load_config(config_path or CONFIG_FILE)
     key = load_secret(config)
-    users = UserStore(users_path or HERE / "users.json")
+    users = UserStore(users_path or USERS_FILE)
     try:
         with file_lock(users.path):
             remove_stale_temporaries(users.path)    # left by a writer that was killed
@@ -2487,6 +2551,10 @@ def make_tls_context(cert_file, key_file):
         raise ConfigError(f"TLS certificate {cert_file} / key {key_file}: {error}") from None
     return context
 
+
+# ---------------------------------------------------------------------------
+# 11. Command line: serving, users, sessions
+# ---------------------------------------------------------------------------
 
 def lan_addresses():
     """This machine's IPv4 addresses that other devices on the LAN can reach."""
@@ -2583,16 +2651,13 @@ def read_new_password(stdin=None):
     return password
 
 
-def iterations_from(config_path):
-    return load_config(config_path or HERE / "config.json")["passwordIterations"]
-
-
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
     check_username(args.username, "adduser")
-    path = Path(args.users or HERE / "users.json")
+    path = args.users
     refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
-    password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    password_hash = hash_password(read_new_password(),
+                                  load_config(args.config)["passwordIterations"])
     fields = {field: value for field, value in (("firstName", args.first_name),
                                                 ("lastName", args.last_name),
                                                 ("phone", args.phone)) if value is not None}
@@ -2603,11 +2668,11 @@ def add_user(args):
 
 def change_password(args):
     """python authserver.py passwd NAME: a new password hash, every other field kept."""
-    path = Path(args.users or HERE / "users.json")
+    path = args.users
     find_user_record(read_users_list(path), args.username, path)     # before the prompt
-    with contextlib.closing(open_sessions(load_config(args.config or HERE / "config.json"))) \
-            as sessions:
-        password_hash = hash_password(read_new_password(), iterations_from(args.config))
+    config = load_config(args.config)
+    with contextlib.closing(open_sessions(config)) as sessions:
+        password_hash = hash_password(read_new_password(), config["passwordIterations"])
 
         def set_hash(users):
             user = find_user_record(users, args.username, path)
@@ -2623,29 +2688,41 @@ def change_password(args):
 
 # -- sessions -------------------------------------------------------------------
 
-def end_sessions(sessions, username, session_id=None):
-    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+@contextlib.contextmanager
+def sessions_file_errors(sessions):
+    """with sessions_file_errors(store): a failing sessions file is a one-line ConfigError."""
     try:
-        return sessions.end_for_user(username, session_id)
+        yield sessions
     except SessionStoreError as error:
         raise ConfigError(f"sessions file {sessions.path}: {error}") from None
 
 
+def end_sessions(sessions, username, session_id=None):
+    """Revoke a user's sessions (or one) from the command line; ConfigError if the file fails."""
+    with sessions_file_errors(sessions):
+        return sessions.end_for_user(username, session_id)
+
+
+def named_user(args):
+    """The User args.username names in the users file; ConfigError if there is none."""
+    users = UserStore(args.users)
+    user = users.find_by_name(args.username)[0]
+    if user is None:
+        raise ConfigError(f"no user {args.username!r} in {users.path}")
+    return user
+
+
 def sessions_for_command(args):
     """The SessionStore, once the user is found in the users file; ConfigError if not."""
-    users = UserStore(args.users or HERE / "users.json")
-    if users.find_by_name(args.username)[0] is None:
-        raise ConfigError(f"no user {args.username!r} in {users.path}")
-    return open_sessions(load_config(args.config or HERE / "config.json"))
+    named_user(args)
+    return open_sessions(load_config(args.config))
 
 
 def list_sessions_command(args):
     """python authserver.py sessions NAME: the user's live sessions."""
     with contextlib.closing(sessions_for_command(args)) as sessions:
-        try:
+        with sessions_file_errors(sessions):
             found = sessions.sessions_of(args.username, time.time())
-        except SessionStoreError as error:
-            raise ConfigError(f"sessions file {sessions.path}: {error}") from None
     if not found:
         print(f"no live sessions for {args.username!r}")
     for session in found:
@@ -2666,17 +2743,14 @@ def revoke_command(args):
     return 0
 
 
-# -- teaching: token and explain ------------------------------------------------
+# ---------------------------------------------------------------------------
+# 12. Teaching: the token and explain commands
+# ---------------------------------------------------------------------------
 
 def issue_token(args):
     """python authserver.py token NAME: a token exactly as a login would return it."""
-    config = load_config(args.config or HERE / "config.json")
-    users = UserStore(args.users or HERE / "users.json")
-    user, _ = users.find_by_name(args.username)
-    if user is None:
-        raise ConfigError(f"no user {args.username!r} in {users.path}")
-    claims = make_claims(user.record, time.time(), config["tokenLifetime"], config["issuer"],
-                         config["audience"])
+    config = load_config(args.config)
+    claims = login_claims(config, named_user(args).record, time.time())
     print(encode_token(claims, load_secret(config)))
     return 0
 
@@ -2786,7 +2860,7 @@ def explain_steps(token, key, config, users, narrator, now):
         narrator.say(line)
 
     narrator.step(5, f"Check the claims at {int(now)}, leeway {config['leeway']}s  (check_claims)")
-    check_claims(claims, now, config["leeway"], config["issuer"], config["audience"])
+    check_claims(claims, now, **claim_checks(config))
     narrator.check(True, "not before nbf or iat, not after exp")
 
     shown = os.path.relpath(users.path) if users.path.is_relative_to(Path.cwd()) else users.path
@@ -2864,9 +2938,9 @@ def read_token(args):
 def explain(args):
     """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
     token = read_token(args)
-    config = load_config(args.config or HERE / "config.json")
+    config = load_config(args.config)
     key = load_secret(config)
-    users = UserStore(args.users or HERE / "users.json")
+    users = UserStore(args.users)
     narrator = Narrator(sys.stdout)
     now = time.time()
     pasted = PASTED_HEADER.fullmatch(token)
@@ -2908,21 +2982,27 @@ def explain(args):
     return 0
 
 
+# ---------------------------------------------------------------------------
+# 13. Main: the command line's parser, and main()
+# ---------------------------------------------------------------------------
+
 def build_parser():
     """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""
     parser = argparse.ArgumentParser(
         prog="authserver.py", description="A JWT login server, standard library only.")
     parser.add_argument("--host", help="address to listen on (0.0.0.0: the whole LAN)")
     parser.add_argument("--port", type=int, help="port (default 4000; 0: any free port)")
-    parser.add_argument("--config", help="config file (default: config.json beside this file)")
-    parser.add_argument("--users", help="users file (default: users.json beside this file)")
+    parser.add_argument("--config", type=Path, default=CONFIG_FILE,
+                        help="config file (default: config.json beside this file)")
+    parser.add_argument("--users", type=Path, default=USERS_FILE,
+                        help="users file (default: users.json beside this file)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.set_defaults(action=serve)
     files = argparse.ArgumentParser(add_help=False)
     # SUPPRESS, so an option given before the command is not reset by the command.
-    files.add_argument("--config", default=argparse.SUPPRESS, help="config file")
-    files.add_argument("--users", default=argparse.SUPPRESS, help="users file")
+    files.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    files.add_argument("--users", type=Path, default=argparse.SUPPRESS, help="users file")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     adduser = commands.add_parser("adduser", parents=[files], help="add a user")

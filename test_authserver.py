@@ -4,6 +4,7 @@ Run: python -m unittest -v
 Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 """
 
+import ast
 import base64
 import errno
 import hashlib
@@ -687,7 +688,7 @@ class TestBruteForce(unittest.TestCase):
 
     def test_password_hashes_run_one_per_cpu_at_most(self):
         server = start_server(self, loginAttempts=100)
-        server.hashing = threading.BoundedSemaphore(2)
+        server.hash_slots = threading.BoundedSemaphore(2)
         running, most, lock = [0], [0], threading.Lock()
         original = hashlib.pbkdf2_hmac
 
@@ -812,25 +813,29 @@ class TestHostileHTTP(SharedServerCase):
             self.assertEqual(read_response(sock)[0], 200)
 
     def test_unexpected_exception_is_a_json_500_and_the_server_lives(self):
-        with mock.patch.dict(self.server.routes, {("GET", "/"): lambda request: 1 / 0}):
+        with mock.patch.dict(self.server.routes.actions, {("GET", "/"): lambda request: 1 / 0}):
             status, _, body = raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")
         self.assertEqual((status, json.loads(body)), (500, {"message": "Internal Server Error"}))
         self.assertIn("ZeroDivisionError", self.server.test_log.getvalue())
         self.assertEqual(raw_exchange(self.server, b"GET / HTTP/1.1\r\n\r\n")[0], 200)
 
-    def test_send_error_writes_json(self):
-        # http.server's own error path, kept as a safety net: JSON like every other answer.
-        handler = authserver.AuthRequestHandler.__new__(authserver.AuthRequestHandler)
-        handler.server, handler.wfile = self.server, io.BytesIO()
-        handler.connection = None           # no socket for the watchman to time the write on
-        handler.command, handler.route_path, handler.request_version = "GET", "/", "HTTP/1.1"
-        handler.client_address, handler.started = ("127.0.0.1", 1), time.perf_counter()
-        handler.send_error(414)
-        head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
-        phrase = http.HTTPStatus(414).phrase               # "URI Too Long" from Python 3.13 on
-        self.assertTrue(head.startswith(f"HTTP/1.1 414 {phrase}\r\n".encode()))
-        self.assertIn(b"Connection: close", head)
-        self.assertEqual(json.loads(body), {"message": phrase})
+    def test_http_servers_own_error_pages_are_never_reached(self):
+        # Requests http.server would answer with send_error's HTML: we answer each in JSON.
+        too_many_headers = b"".join(b"X-%d: 1\r\n" % number for number in range(101))
+        table = [(b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+                 (b"GET / HTTP/2.0\r\n\r\n", 505),
+                 (b"BREW / HTTP/1.1\r\n\r\n", 501),
+                 (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+                 (b"GET / HTTP/1.1\r\n" + too_many_headers + b"\r\n", 431),
+                 (b"POST / HTTP/1.1\r\nExpect: nope\r\nContent-Length: 1\r\n\r\nx", 417)]
+        with mock.patch.object(http.server.BaseHTTPRequestHandler, "send_error") as send_error:
+            for request, expected in table:
+                with self.subTest(expected=expected):
+                    status, headers, body = raw_exchange(self.server, request)
+                    self.assertEqual(status, expected)
+                    self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+                    self.assertIn("message", json.loads(body))
+        send_error.assert_not_called()
 
     def test_reset_connection_is_one_log_line(self):
         handled = threading.Event()
@@ -926,7 +931,8 @@ class TestConnections(unittest.TestCase):
             sock.close()                                                # RST, not FIN
             self.assertTrue(handled.wait(10))
         self.assertIn("ConnectionResetError", server.test_log.getvalue())
-        self.assertEqual(server.deadlines, {})
+        # raw_exchange's own connection is unwatched just after its answer was read.
+        self.assertTrue(wait_until(lambda: server.deadlines == {}), server.deadlines)
 
     def test_listen_backlog(self):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
@@ -2132,7 +2138,7 @@ class TestPageInBrowser(unittest.TestCase):
         # The signature is checked before the dates, so the answer is about the edit.
         self.assertEqual(page.by_id["result"], "401 Unauthorized: invalid signature")
         self.assertRegex(page.by_id["time-exp"],
-                         rf"^exp expires {re.escape(local_date(claims['exp']))} \(\d min ago\): "
+                         rf"^exp expired {re.escape(local_date(claims['exp']))} \(\d min ago\): "
                          r"the server now answers jwt expired$")
 
     def test_a_pasted_header_line_gets_a_hint(self):
@@ -2534,7 +2540,7 @@ class TestSignup(unittest.TestCase):
                          sorted(f"crowd{n}" for n in range(20)))
         self.assertEqual(len({user["id"] for user in users}), len(users))
         for number in range(20):            # each one in the server's tables already
-            self.assertIsNotNone(self.server.users.tables[0].get(f"crowd{number}"))
+            self.assertIsNotNone(self.server.users.tables.by_name.get(f"crowd{number}"))
 
     def test_same_name_at_once_exactly_one_wins(self):
         barrier = threading.Barrier(10)
@@ -2592,7 +2598,7 @@ class TestSignup(unittest.TestCase):
         go.set()
         older.join(timeout=30)
         newer.join(timeout=30)
-        self.assertIn("late", store.tables[0])
+        self.assertIn("late", store.tables.by_name)
 
     def test_off_by_default_it_is_an_unknown_path(self):
         server = start_server(self)             # no allowRegistration in its config
@@ -2887,7 +2893,8 @@ class TestOpenAPI(unittest.TestCase):
         # A route added to ROUTES without its documentation breaks the document.
         with mock.patch.dict(authserver.ROUTES, {("GET", "/new"): authserver.get_info}), \
                 self.assertRaises(KeyError):
-            authserver.openapi_document(authserver.ROUTES, "/")
+            authserver.openapi_document(
+                authserver.RouteTable(authserver.ROUTES, authserver.PUBLIC_PATHS), "/")
 
     def test_document(self):
         status, headers, data = self.call("GET", "/openapi.json", headers={"Host": "example.test:4000"})
@@ -2949,7 +2956,7 @@ def login_burst(test, server, bodies):
     every password check held until each request is being checked or has been answered.
     Returns (the passwords whose check started, [(status, headers, body)] in body order)."""
     held = HeldChecks()
-    server.hashing = threading.BoundedSemaphore(len(bodies))   # count checks, not queueing
+    server.hash_slots = threading.BoundedSemaphore(len(bodies))   # count checks, not queueing
     port, results = server.server_address[1], [None] * len(bodies)
     barrier = threading.Barrier(len(bodies), timeout=30)
 
@@ -3285,7 +3292,7 @@ class TestLimitsCatchMutations(SharedServerCase):
             authserver.UserStore(files.users)
         self.assertIn("id 7 is twice", str(caught.exception))
         files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
-        self.assertEqual(len(authserver.UserStore(files.users).tables[1]), 2)  # 7 is not "7"
+        self.assertEqual(len(authserver.UserStore(files.users).tables.by_id), 2)  # 7 is not "7"
 
     def test_pbkdf2_iterations_are_capped(self):
         digest = base64.b64encode(bytes(32)).decode()
@@ -4141,7 +4148,7 @@ class TestConnsUsersFile(unittest.TestCase):
         self.assertTrue(wait_until(
             lambda: "users file reloaded: 1 users" in server.test_log.getvalue()),
             server.test_log.getvalue())
-        self.assertEqual(list(server.users.tables[0]), ["test"])
+        self.assertEqual(list(server.users.tables.by_name), ["test"])
 
     def test_a_broken_users_file_written_while_idle_is_reported(self):
         files = Files(self)
@@ -4149,7 +4156,7 @@ class TestConnsUsersFile(unittest.TestCase):
         files.users.write_text("[{\"id\": 1}]")
         self.assertTrue(wait_until(
             lambda: "users file not reloaded" in server.test_log.getvalue()))
-        self.assertEqual(len(server.users.tables[0]), 3)
+        self.assertEqual(len(server.users.tables.by_name), 3)
 
     @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP on this system")
     def test_sighup_on_an_unchanged_users_file_says_so(self):
@@ -4159,6 +4166,260 @@ class TestConnsUsersFile(unittest.TestCase):
         line = server.readline("stderr")
         self.assertTrue(line.endswith(" users file unchanged: 3 users\n"), line)
 
+
+# ---------------------------------------------------------------------------
+# The page's lab: each lesson reachable in the order the page's hint gives
+# ---------------------------------------------------------------------------
+
+@unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
+class TestPageLabLessons(unittest.TestCase):
+    """The lab as a newcomer uses it: buttons pressed in the hint's order, in headless Chromium."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = start_server(ClassScope(cls))
+        cls.browser = Browser(ClassScope(cls))
+        cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}/"
+
+    def logged_in(self, url=None):
+        """A new tab, logged in as test: (tab, the token the server issued)."""
+        tab = self.browser.open(url or self.url)
+        tab.wait_for("document.readyState === 'complete'")
+        tab.evaluate("document.getElementById('id_username').value = 'test';"
+                     "document.getElementById('id_password').value = 'test'")
+        tab.click("btn")
+        self.assertEqual(tab.result(), "200 OK: logged in as test; the token is below.")
+        return tab, self.box(tab)
+
+    @staticmethod
+    def box(tab):
+        return tab.evaluate("document.getElementById('tokenBox').value")
+
+    def press(self, tab, button):
+        """Click a button that sends a request; the line beside the buttons once answered."""
+        tab.evaluate("document.getElementById('result').textContent = ''")
+        tab.click(button)
+        return tab.result()
+
+    def test_log_out_after_tamper_puts_the_issued_token_back_and_the_server_says_revoked(self):
+        tab, issued = self.logged_in()
+        tab.click("tamperBtn")
+        self.assertNotEqual(self.box(tab), issued)
+        self.assertTrue(self.press(tab, "logoutBtn").startswith("204: logged out."))
+        self.assertEqual(self.box(tab), issued)
+        self.assertEqual(PageReader(tab.dom()).by_id["changes"], "")     # nothing edited now
+        self.assertEqual(self.press(tab, "infoBtn"), "401 Unauthorized: session revoked")
+
+    def test_the_hints_order_reaches_every_lesson_and_no_refresh_token_sends_nothing(self):
+        tab = self.browser.open(self.url)
+        tab.wait_for("document.readyState === 'complete'")
+        page = PageReader(tab.dom())
+        self.assertIn("the tutorial's demo users (if their passwords have not been changed)",
+                      " ".join(page.by_id["demoUsers"].split()))
+        hint = " ".join(page.by_id["hint"].split())
+        steps = ["log in", '"Get user info" (200', "log out", "session revoked",
+                 "Forget the tokens", "403"]
+        where = [hint.find(step) for step in steps]
+        self.assertNotIn(-1, where, hint)
+        self.assertEqual(where, sorted(where), hint)
+        # A fresh page has no refresh token: Refresh and Log out send nothing and say so.
+        for button in ("refreshBtn", "logoutBtn"):
+            tab.click(button)
+            self.assertEqual(tab.result(), "Log in first: there is no refresh token yet.")
+            self.assertTrue(tab.evaluate("document.getElementById('exchange').hidden"))
+        # The hint, step by step.
+        tab, issued = self.logged_in()
+        self.assertEqual(self.press(tab, "infoBtn"), "200 OK")
+        self.assertTrue(self.press(tab, "logoutBtn").startswith("204: logged out."))
+        self.assertEqual(self.press(tab, "infoBtn"), "401 Unauthorized: session revoked")
+        tab.click("forgetBtn")
+        self.assertEqual(self.press(tab, "infoBtn"), "403 Forbidden: No token provided.")
+        # After Forget there is no refresh token either: nothing is sent.
+        for button in ("refreshBtn", "logoutBtn"):
+            tab.click(button)
+            self.assertEqual(tab.result(), "Log in first: there is no refresh token yet.")
+            self.assertEqual(PageReader(tab.dom()).by_id["httpRequest"],     # the last one sent
+                             f"GET {self.url}users/getInfo\nAccept: application/json")
+
+    def test_the_request_shows_which_token_was_sent(self):
+        tab, issued = self.logged_in()
+        head, body, signature = issued.split(".")
+        self.assertEqual(self.press(tab, "infoBtn"), "200 OK")
+        sent = PageReader(tab.dom()).by_id["httpRequest"].splitlines()[-1]
+        self.assertEqual(sent, f"Authorization: Bearer {head[:12]}….{body[:10]}…{signature[-6:]}"
+                               " (the token in the box below)")
+        tab.click("tamperBtn")
+        tampered = self.box(tab).split(".")[1]
+        first = len(os.path.commonprefix([tampered, body]))
+        self.assertEqual(self.press(tab, "verifyBtn"), "401 Unauthorized: invalid signature")
+        sent_tampered = PageReader(tab.dom()).by_id["httpRequest"].splitlines()[-1]
+        self.assertEqual(sent_tampered,
+                         f"Authorization: Bearer {head[:12]}….…{tampered[first:first + 10]}…"
+                         f"{signature[-6:]} (edited: not the token the server signed)")
+        self.assertNotEqual(sent_tampered.split(" (")[0], sent.split(" (")[0])
+
+    def test_once_asked_the_changes_line_says_what_the_server_said(self):
+        tab, issued = self.logged_in()
+        tab.click("tamperBtn")
+        changes = " ".join(PageReader(tab.dom()).by_id["changes"].split())
+        self.assertTrue(changes.endswith("The signature was not recomputed: ask the server."),
+                        changes)
+        self.assertEqual(self.press(tab, "verifyBtn"), "401 Unauthorized: invalid signature")
+        changes = " ".join(PageReader(tab.dom()).by_id["changes"].split())
+        self.assertTrue(changes.startswith('Changed since the server signed it: username: '), changes)
+        self.assertTrue(changes.endswith(". The server checked: invalid signature."), changes)
+        tab.click("tamperBtn")                               # a new edit: not asked yet
+        changes = " ".join(PageReader(tab.dom()).by_id["changes"].split())
+        self.assertTrue(changes.endswith("The signature was not recomputed: ask the server."),
+                        changes)
+
+    def test_a_change_of_length_says_why_the_rest_of_the_payload_is_marked(self):
+        tab, issued = self.logged_in()
+        note = "document.getElementById('lengthNote')"
+        self.assertTrue(tab.evaluate(note + ".hidden"))
+        tab.click("tamperBtn")                                        # "test" -> "admin"
+        tampered = self.box(tab).split(".")[1]
+        self.assertNotEqual(len(tampered), len(issued.split(".")[1]))
+        self.assertTrue(PageReader(tab.dom()).marks["tokenView"][-1]
+                        .endswith(tampered[-6:]), "the mark runs to the payload's end")
+        self.assertFalse(tab.evaluate(note + ".hidden"))
+        self.assertIn("a change of length shifts every base64url character after it",
+                      tab.evaluate(note + ".textContent"))
+        # One character of the signature changed: the same length, no such line.
+        last = "A" if issued[-1] != "A" else "B"
+        tab.evaluate("(area => { area.value = %s; area.dispatchEvent(new Event('input')) })"
+                     "(document.getElementById('tokenBox'))" % json.dumps(issued[:-1] + last))
+        self.assertTrue(tab.evaluate(note + ".hidden"))
+
+    def test_a_new_login_answers_the_servers_own_token_not_an_edited_one(self):
+        tab, issued = self.logged_in()
+        tab.click("tamperBtn")
+        self.assertEqual(self.press(tab, "btn"), "200 OK: logged in as test; the token is below.")
+        new = self.box(tab)
+        head, body, signature = new.split(".")
+        self.assertIn(f'"token": "{head[:12]}….{body[:10]}…{signature[-6:]} '
+                      f'(the token in the box below)"', PageReader(tab.dom()).by_id["output"])
+
+    def test_a_login_without_a_refresh_token_names_the_server_not_the_user(self):
+        stub = TutorialStub(self)                  # the tutorial's server: a token, nothing more
+        tab, _ = self.logged_in((HERE / "test.html").as_uri() + "?api=" + stub.url)
+        tab.click("logoutBtn")
+        self.assertEqual(tab.result(), "This server's login gave no refresh token: it has no "
+                                       "Refresh / Log out.")
+        self.assertNotIn("/users/logout", stub.bodies)                     # nothing was sent
+
+
+class TutorialStub(LifecycleStub):
+    """The tutorial's server: a login answers a token and expiresIn, no refresh token."""
+
+    def pair(self):
+        return {"token": token_for(), "expiresIn": 3600}
+
+
+SECTION_BANNER = re.compile(r"# (\d+)\. (.+)")
+
+
+def module_sections(source):
+    """[(line, number, title)] of the top-level "# N. Title" banners of a module's source."""
+    return [(line, int(match.group(1)), match.group(2))
+            for line, text in enumerate(source.splitlines(), 1)
+            for match in [SECTION_BANNER.fullmatch(text)] if match]
+
+
+def names_used_before_defined(source):
+    """[(user, name)]: top-level code that uses a module-level name a later section defines."""
+    tree, sections = ast.parse(source), module_sections(source)
+
+    def section_of(line):
+        return max([number for start, number, _ in sections if start <= line], default=0)
+
+    defined_in = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [name.id for target in targets for name in ast.walk(target)
+                     if isinstance(name, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            defined_in.setdefault(name, section_of(node.lineno))
+    found = []
+    for node in tree.body:
+        user = getattr(node, "name", f"line {node.lineno}")
+        for name in ast.walk(node):
+            if (isinstance(name, ast.Name) and name.id in defined_in
+                    and defined_in[name.id] > section_of(node.lineno)):
+                found.append((user, name.id))
+    return found
+
+
+class TestChapterLayout(unittest.TestCase):
+    """The module docstring's promises about the file's layout are kept."""
+
+    source = Path(authserver.__file__).read_text(encoding="utf-8")
+
+    def test_each_section_uses_only_what_stands_above_it(self):
+        self.assertEqual(names_used_before_defined(self.source), [])
+
+    def test_the_docstring_lists_the_sections(self):
+        listed = re.findall(r"^    (\d+)\. (\S.*?)  +\S", authserver.__doc__, re.MULTILINE)
+        banners = [(str(number), re.split(r": | \(", title)[0])
+                   for _, number, title in module_sections(self.source)]
+        self.assertEqual(listed, banners)
+        self.assertEqual([number for _, number, _ in module_sections(self.source)],
+                         list(range(1, len(banners) + 1)))
+
+    def test_the_guard_sees_a_name_from_a_later_section(self):
+        source = ("# 1. First\ndef early():\n    return LATE\n"
+                  "# 2. Second\nLATE = 1\ndef later():\n    return early()\n")
+        self.assertEqual(names_used_before_defined(source), [("early", "LATE")])
+
+
+class TestChapterRequest(unittest.TestCase):
+    """What a middleware step sees of a request, and the bytes a Response becomes."""
+
+    def test_a_new_step_finds_headers_in_any_spelling(self):
+        seen = []
+
+        def step(request):
+            headers = request.headers
+            seen.append((headers.get("Authorization"), headers["X-Custom"],
+                         "X-CUSTOM" in headers, headers.get("X-Absent", "-")))
+            return authserver.Response(200, {"ok": True})
+
+        server = start_server(self)
+        with mock.patch.object(authserver, "MIDDLEWARE", [step] + authserver.MIDDLEWARE):
+            client = Client(server)
+            self.addCleanup(client.close)
+            status, _, body = client.request("GET", "/users/getInfo", headers={
+                "authorization": "Bearer abc", "x-custom": "1"})
+        self.assertEqual((status, body), (200, {"ok": True}))
+        self.assertEqual(seen, [("Bearer abc", "1", True, "-")])
+
+    def test_response_bytes(self):
+        now = 1700000000
+        date = "Tue, 14 Nov 2023 22:13:20 GMT"
+        common = ("Server: authserver/1.0\r\nAccess-Control-Allow-Origin: *\r\n"
+                  "Access-Control-Expose-Headers: WWW-Authenticate, Retry-After\r\n"
+                  "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n")
+        json_type = "Content-Type: application/json; charset=utf-8\r\n"
+        table = [
+            ((authserver.Response(200, {"a": "é"}), now), f"HTTP/1.1 200 OK\r\nDate: {date}\r\n"
+             f"{common}{json_type}Content-Length: 10\r\n\r\n" + '{"a":"é"}'),
+            ((authserver.Response(404, {"message": "x"}, headers=(("Allow", "GET"),)), now, "close"),
+             f"HTTP/1.1 404 Not Found\r\nDate: {date}\r\n{common}{json_type}"
+             'Content-Length: 15\r\nAllow: GET\r\nConnection: close\r\n\r\n{"message":"x"}'),
+            ((authserver.Response(200, b"<p>"), now, "keep-alive", True),
+             f"HTTP/1.1 200 OK\r\nDate: {date}\r\n{common}{json_type}Content-Length: 3\r\n"
+             "Connection: keep-alive\r\n\r\n"),
+            ((authserver.Response(204, headers=(("Allow", "GET"),)), now),
+             f"HTTP/1.1 204 No Content\r\nDate: {date}\r\n{common}Allow: GET\r\n\r\n"),
+        ]
+        for arguments, expected in table:
+            with self.subTest(arguments=arguments[1:]):
+                self.assertEqual(authserver.response_bytes(*arguments), expected.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------
