@@ -606,6 +606,21 @@ MAX_USERNAME_CHARS = 64
 # overrides), lone surrogates, private-use and unassigned code points: each makes a name
 # that prints like another one, or like nothing.
 UNSEEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt), which a font
+# draws as nothing whatever their category: "test" + a combining grapheme joiner (U+034F),
+# a Hangul filler (U+3164) or a variation selector (U+FE00) prints as "test". Python's
+# unicodedata lacks the property, so the ranges are written out here.
+DEFAULT_IGNORABLE_RANGES = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+# Symbols drawn blank though not ignorable: the braille pattern with no dots, a musical
+# null notehead, the Khitan filler.
+BLANK_SYMBOLS = "\u2800\U0001d159\U00016fe4"
+PRINTS_AS_NOTHING = re.compile("[" + "".join(
+    f"{re.escape(chr(low))}-{re.escape(chr(high))}" for low, high in DEFAULT_IGNORABLE_RANGES)
+    + re.escape(BLANK_SYMBOLS) + "]")
 
 
 def check_username(name, where):
@@ -618,21 +633,45 @@ def check_username(name, where):
     if any(char.isspace() or unicodedata.category(char) in UNSEEN_CATEGORIES for char in name):
         raise ConfigError(f"{where}: username {name!r} contains whitespace or a control "
                           f"character")
+    unseen = PRINTS_AS_NOTHING.search(name)
+    if unseen:
+        raise ConfigError(f"{where}: username {name!r} contains U+{ord(unseen.group()):04X}, "
+                          f"a character that prints as nothing")
+    # One spelling per name: "café" with é as one code point (NFC), not as e + U+0301
+    # (NFD, which macOS and some phone keyboards send). adduser, sign-up and login turn
+    # what they are given into NFC; only a users.json edited by hand can hold the other.
+    if not unicodedata.is_normalized("NFC", name):
+        raise ConfigError(f"{where}: username {name!r} is not in Unicode NFC form; write it "
+                          f"as {unicodedata.normalize('NFC', name)!r} (composed characters)")
+
+
+def username_key(name):
+    """What two names that a reader would take for one share: case and width set aside.
+
+    "Alice", "ALICE" and full-width "ａｌｉｃｅ" all give "alice": users.json may hold one of
+    them only. Logins still match the name exactly. Homoglyphs across scripts (Cyrillic
+    "е" for Latin "e") would need Unicode's confusables data, which Python lacks.
+    """
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
         raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    seen_names, seen_ids = set(), set()
+    seen_names, seen_ids = {}, set()               # username_key -> the name with it
     for user in users:
         name, user_id = user.get("username"), user.get("id")
         check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
-        if name in seen_names or user_id in seen_ids:
+        same = seen_names.get(username_key(name))
+        if same == name or user_id in seen_ids:
             raise ConfigError(f"users file {path}: user {name!r} or id {user_id!r} is twice")
-        seen_names.add(name)
+        if same is not None:
+            raise ConfigError(f"users file {path}: users {same!r} and {name!r} are one name "
+                              f"in another case or width; rename one")
+        seen_names[username_key(name)] = name
         seen_ids.add(user_id)
         if "password" in user:
             raise ConfigError(
@@ -691,9 +730,16 @@ def find_user_record(users, username, path):
 
 
 def refuse_taken(users, username, path):
-    if find_record(users, username) is not None:
+    """UsernameTaken if users has username, or the same name in another case or width."""
+    key = username_key(username)
+    same = next((user["username"] for user in users if isinstance(user.get("username"), str)
+                 and username_key(user["username"]) == key), None)
+    if same == username:
         raise UsernameTaken(f"user {username!r} already exists in {path}; "
                             f"use: python authserver.py passwd {username}")
+    if same is not None:
+        raise UsernameTaken(f"user {username!r} is the same name as {same!r} in {path} "
+                            f"(another case or width)")
 
 
 def add_user_record(path, username, password_hash, fields):
@@ -769,8 +815,9 @@ def check_profile(fields):
 # A user as loaded: the record as users.json has it, and getInfo's answer for it, encoded
 # once per load of the file instead of once per request.
 User = namedtuple("User", "record public_json")
-# What UserStore.read makes of the file; dummy_hash is checked when a name is unknown.
-UserTables = namedtuple("UserTables", "by_name by_id dummy_hash")
+# What UserStore.read makes of the file; dummy_hash is checked when a name is unknown,
+# name_keys holds every name's username_key (is a name taken in another case or width?).
+UserTables = namedtuple("UserTables", "by_name by_id dummy_hash name_keys")
 
 
 class UserStore:
@@ -802,7 +849,8 @@ class UserStore:
                          default=DEFAULT_CONFIG["passwordIterations"])
         return UserTables(by_name={user.record["username"]: user for user in users},
                           by_id={user.record["id"]: user for user in users},
-                          dummy_hash=dummy_hash(iterations))
+                          dummy_hash=dummy_hash(iterations),
+                          name_keys={username_key(user.record["username"]) for user in users})
 
     def file_stamp(self):
         try:
@@ -842,6 +890,11 @@ class UserStore:
         tables = self.tables
         user = tables.by_name.get(username)
         return user, user.record["passwordHash"] if user else tables.dummy_hash
+
+    def has_name_like(self, username):
+        """Is username, or the same name in another case or width (username_key), taken?"""
+        self.refresh()
+        return username_key(username) in self.tables.name_keys
 
     def user_for(self, claims):
         """The User a verified token speaks of; TokenError if it no longer exists as such."""
@@ -1513,7 +1566,7 @@ def read_credentials(request):
 
 
 def credentials_from(fields):
-    """username and the base64 password from a body's fields; 400 unless both are text."""
+    """username (in NFC) and the base64 password from a body's fields; 400 unless text."""
     username, password = fields.get("username"), fields.get("password")
     if username is None or password is None:
         raise HTTPError(400, "username and password are required")
@@ -1521,7 +1574,8 @@ def credentials_from(fields):
         raise HTTPError(400, "username and password must be strings")
     if "\x00" in username or "\x00" in password:
         raise HTTPError(400, "username and password must not contain NUL characters")
-    return username, password
+    # users.json holds names in NFC; a phone or a Mac may send "café" decomposed (NFD).
+    return unicodedata.normalize("NFC", username), password
 
 
 def parse_form(body):
@@ -1662,7 +1716,7 @@ def register(request):
         raise HTTPError(429, f"Too many attempts from this address; try again in {wait} seconds",
                         headers=(("Retry-After", str(wait)),))
     username, password, profile = read_registration(request)
-    if server.users.find_by_name(username)[0] is not None:      # saves hashing in vain
+    if server.users.has_name_like(username):                    # saves hashing in vain
         raise username_taken(username)
     with server.hash_slots:             # slow, so before the users file is locked
         password_hash = hash_password(password, server.config["passwordIterations"])
@@ -2653,16 +2707,17 @@ def read_new_password(stdin=None):
 
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
-    check_username(args.username, "adduser")
+    username = unicodedata.normalize("NFC", args.username)     # one spelling per name
+    check_username(username, "adduser")
     path = args.users
-    refuse_taken(read_users_list(path), args.username, path)    # say so before the prompt
+    refuse_taken(read_users_list(path), username, path)         # say so before the prompt
     password_hash = hash_password(read_new_password(),
                                   load_config(args.config)["passwordIterations"])
     fields = {field: value for field, value in (("firstName", args.first_name),
                                                 ("lastName", args.last_name),
                                                 ("phone", args.phone)) if value is not None}
-    record = add_user_record(path, args.username, password_hash, fields)
-    print(f"added user {args.username!r} (id {record['id']}) to {path}")
+    record = add_user_record(path, username, password_hash, fields)
+    print(f"added user {username!r} (id {record['id']}) to {path}")
     return 0
 
 
