@@ -776,12 +776,15 @@ COMMON_PASSWORDS = frozenset("""
     iloveyou sunshine princess football baseball superman starwars welcome1
     abc12345 abcd1234 letmein1 trustno1 passw0rd whatever dragon123 monkey123
 """.split())
-# Profile fields beside username and password: short text only, under names like the
-# tutorial's firstName and phone. Text, because the apps built on the tutorial read them as
-# strings; bounded, because users.json is read whole and rewritten on every change. Names
-# with "password" in them are refused, as getInfo would hide them (public_record).
-PROFILE_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
-MAX_PROFILE_FIELDS = 10
+# Profile fields beside username and password: the tutorial's, and no others. An
+# allow-list, because any other name may mean something to someone: "role", "isAdmin" or
+# "scope" to an app that reads getInfo, "sid" or "exp" to a reader of claims, a field an
+# administrator added to users.json by hand. A user must not give those to himself.
+# No "email": the tutorial's users have none, and the server would not verify one, while
+# an app that found it in getInfo could take it for a verified address.
+# Short text only: the apps built on the tutorial read them as strings, and users.json is
+# read whole and rewritten on every change.
+PROFILE_FIELDS = ("firstName", "lastName", "phone")
 MAX_PROFILE_CHARS = 200
 
 
@@ -799,13 +802,10 @@ def check_new_password(password, username):
 
 def check_profile(fields):
     """ValueError unless fields (all but username and password) are profile text we keep."""
-    if len(fields) > MAX_PROFILE_FIELDS:
-        raise ValueError(f"at most {MAX_PROFILE_FIELDS} profile fields")
     for name, value in fields.items():
-        if (not PROFILE_FIELD_NAME.fullmatch(name) or name == "id"
-                or "password" in name.lower()):
-            raise ValueError(f"field {name!r} is not accepted: profile fields are named like "
-                             f"firstName, and id and password fields are the server's")
+        if name not in PROFILE_FIELDS:
+            raise ValueError(f"field {name!r} is not accepted: the profile fields are "
+                             f"{', '.join(PROFILE_FIELDS)}")
         if (not isinstance(value, str) or len(value) > MAX_PROFILE_CHARS
                 or not value.isprintable()):
             raise ValueError(f"{name} must be text of at most {MAX_PROFILE_CHARS} "
@@ -1824,8 +1824,9 @@ def ref(kind, name):
 
 
 BASE64_TEXT = {"type": "string", "contentEncoding": "base64"}
-# The tutorial's profile fields, named so that generated clients have them; others may come.
-PROFILE_TEXT = {name: {"type": "string"} for name in ("firstName", "lastName", "phone")}
+# The tutorial's profile fields, named so that generated clients have them. getInfo may
+# show others, which an administrator added to users.json; sign-up takes these only.
+PROFILE_TEXT = {name: {"type": "string"} for name in PROFILE_FIELDS}
 TIMESTAMP = {"type": "integer", "description": "seconds since 1970-01-01 UTC"}
 OPENAPI_SCHEMAS = {
     "Credentials": {
@@ -1837,16 +1838,18 @@ OPENAPI_SCHEMAS = {
         "type": "object", "required": ["username", "password"],
         "properties": {
             "username": {"type": "string", "minLength": 1, "maxLength": MAX_USERNAME_CHARS,
-                         "description": "any letters; no spaces or control characters"},
+                         "description": "any letters; no spaces, control characters or "
+                         "characters that print as nothing; taken also in another case or "
+                         "width (Alice, ａｌｉｃｅ beside alice); stored in NFC"},
             "password": {**BASE64_TEXT, "description":
                          f"base64, as for login, of {MIN_PASSWORD_CHARS} to "
                          f"{MAX_PASSWORD_CHARS} characters; not one of the most common "
                          f"passwords, not the username; no other rules (NIST SP 800-63B)"},
-            **PROFILE_TEXT},
-        "additionalProperties": {"type": "string", "maxLength": MAX_PROFILE_CHARS,
-                                 "description": "profile fields named like firstName; none "
-                                 "named id or containing password"},
-        "maxProperties": MAX_PROFILE_FIELDS + 2},
+            **{name: {"type": "string", "maxLength": MAX_PROFILE_CHARS}
+               for name in PROFILE_FIELDS}},
+        "additionalProperties": False,
+        "description": "the profile fields are firstName, lastName and phone; any other "
+                       "field is refused (400)"},
     "RefreshRequest": {
         "type": "object", "required": ["refreshToken"],
         "properties": {"refreshToken": {"type": "string"}}},
@@ -1944,7 +1947,8 @@ ROUTE_DOCS = {
         "responses": {
             201: ("User", "the new user, as getInfo will show it; log in next"),
             400: ("Message", "ValidationError: a rule the username, password or a profile "
-                  "field breaks (the message says which); or a malformed body"),
+                  "field breaks (the message says which), or a field that is not firstName, "
+                  "lastName or phone; or a malformed body"),
             409: ("NamedError", "UsernameTakenError: the username is taken"),
             429: ("Message", "too many attempts from this address (each sign-up counts)",
                   ["Retry-After"]),
