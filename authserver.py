@@ -124,6 +124,9 @@ DEFAULT_CONFIG = {
     "shutdownGrace": 10,           # seconds to let requests in flight finish on stop
     "accessLog": True,
     "allowRegistration": False,    # POST /users/register: anyone who can reach us may sign up
+    # ... until users.json holds this many users (adduser is not bound by it). Each sign-up
+    # rewrites the whole file, so n sign-ups write about n*n/2 records in all.
+    "maxUsers": 10000,
     "refreshTokenLifetime": "14d",  # a refresh token's life from its issue (at least tokenLifetime)
     "sessionsFile": "authserver.sessions",  # SQLite, relative to the config file's folder
     "maxSessionsPerUser": 20,      # a user's oldest sessions end when a login goes past this
@@ -155,6 +158,7 @@ NUMBER_SETTINGS = {
     "requestTimeout": (float, 0.001, 86400),
     "shutdownGrace": (float, 0, 86400),
     "maxSessionsPerUser": (int, 1, 1_000_000),
+    "maxUsers": (int, 1, 1_000_000),
     "refreshGrace": (float, 0, 86400),
 }
 
@@ -691,6 +695,10 @@ class UsernameTaken(ConfigError):
     """adduser or sign-up for a name users.json already has."""
 
 
+class TooManyUsers(ConfigError):
+    """Sign-up when users.json already holds maxUsers users."""
+
+
 def read_users_list(path):
     """The raw list in users.json, to be edited."""
     users = read_json_file(path, "users file")
@@ -742,9 +750,12 @@ def refuse_taken(users, username, path):
                             f"(another case or width)")
 
 
-def add_user_record(path, username, password_hash, fields):
-    """Append a user with a fresh random id to users.json; UsernameTaken if the name is."""
+def add_user_record(path, username, password_hash, fields, most_users=None):
+    """Append a user with a fresh random id to users.json; UsernameTaken if the name is,
+    TooManyUsers if the file already holds most_users (None: no limit)."""
     def append(users):
+        if most_users is not None and len(users) >= most_users:
+            raise TooManyUsers(f"{path} holds {len(users)} users, the most sign-up may make")
         refuse_taken(users, username, path)
         taken = {user.get("id") for user in users}
         # Five digits, as the tutorial's ids, drawn from a range at least ten times the
@@ -890,6 +901,11 @@ class UserStore:
         tables = self.tables
         user = tables.by_name.get(username)
         return user, user.record["passwordHash"] if user else tables.dummy_hash
+
+    def count(self):
+        """How many users the file held when last read."""
+        self.refresh()
+        return len(self.tables[0])
 
     def has_name_like(self, username):
         """Is username, or the same name in another case or width (username_key), taken?"""
@@ -1708,6 +1724,8 @@ def get_info(request):
 def register(request):
     """POST /users/register (when allowRegistration is on): a new user; 201 with its record."""
     server = request.server
+    if server.users.count() >= server.config["maxUsers"]:     # the file has the last word
+        raise users_full()
     # Every attempt counts, at its start, against the address's login budget: "taken"
     # tells that a username exists, so a loop probing names gets no more tries than a
     # loop guessing passwords.
@@ -1721,9 +1739,12 @@ def register(request):
     with server.hash_slots:             # slow, so before the users file is locked
         password_hash = hash_password(password, server.config["passwordIterations"])
     try:
-        record = add_user_record(server.users.path, username, password_hash, profile)
+        record = add_user_record(server.users.path, username, password_hash, profile,
+                                 server.config["maxUsers"])
     except UsernameTaken:               # the file has the last word: two sign-ups at once
         raise username_taken(username) from None
+    except TooManyUsers:
+        raise users_full() from None
     except (ConfigError, OSError) as error:
         server.log(f"sign-up of {username!r} not saved: {error}")
         raise named_error(503, "UsersFileError", "Sign-up is unavailable right now; "
@@ -1753,6 +1774,16 @@ def read_registration(request):
 def username_taken(username):
     """409 for a username users.json already has."""
     return named_error(409, "UsernameTakenError", f"username {username!r} is taken")
+
+
+def users_full():
+    """403 once users.json holds maxUsers users: sign-up is closed until an admin acts.
+
+    403, not 507 Insufficient Storage: nothing is out of space, the server's owner set a
+    limit; and a 5xx invites clients to retry, which would not help.
+    """
+    return named_error(403, "TooManyUsersError",
+                       "Sign-up is closed: this server has as many users as it takes")
 
 
 # The page may talk to this server only, and may not be framed by another site: even a
@@ -1949,6 +1980,8 @@ ROUTE_DOCS = {
             400: ("Message", "ValidationError: a rule the username, password or a profile "
                   "field breaks (the message says which), or a field that is not firstName, "
                   "lastName or phone; or a malformed body"),
+            403: ("NamedError", "TooManyUsersError: the server holds maxUsers users; "
+                  "sign-up is closed"),
             409: ("NamedError", "UsernameTakenError: the username is taken"),
             429: ("Message", "too many attempts from this address (each sign-up counts)",
                   ["Retry-After"]),

@@ -2753,6 +2753,8 @@ class TestOpenAPI(unittest.TestCase):
         cls.limited = start_server(scope, Files(scope, allowRegistration=True,
                                                 addressLoginAttempts=1,
                                                 passwordIterations=FAST_ITERATIONS))
+        cls.full = start_server(scope, Files(scope, allowRegistration=True, maxUsers=3,
+                                             passwordIterations=FAST_ITERATIONS))
         # A server whose files have failed: its sessions database closed under it, its
         # users.json no longer JSON (it keeps the users it had loaded).
         cls.broken_files = Files(scope, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
@@ -2840,6 +2842,7 @@ class TestOpenAPI(unittest.TestCase):
         ("GET", "/users/sessions", 503): {"headers": UNSEEN, "server": "broken"},
         ("POST", "/users/register", 201): {"body": signup_body("walk-new", firstName="W")},
         ("POST", "/users/register", 400): {"body": signup_body("walk bad")},
+        ("POST", "/users/register", 403): {"body": signup_body("walk-full"), "server": "full"},
         ("POST", "/users/register", 409): {"body": signup_body("test")},
         ("POST", "/users/register", 429): "limited_twice",
         ("POST", "/users/register", 503): {"body": signup_body("walk-503"), "server": "broken"},
