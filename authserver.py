@@ -928,13 +928,15 @@ class LoginLimiter:
     A check is counted when it starts, in the same locked step that finds it allowed:
     counting only failures already made would let a burst of guesses sent at once all
     through before the first one is counted. limits gives each kind of key its own limit.
-    The table holds at most max_keys keys, dropping the least recently used, so a flood
-    of made-up usernames cannot grow it without limit.
+    Each kind has its own table of at most max_keys keys, dropping the least recently
+    used, so a flood of made-up usernames cannot grow it without limit; and addresses,
+    which come cheap (a botnet, an IPv6 /64), never push a username's count out.
     """
 
     def __init__(self, limits, window, max_keys=10000):
         self.limits, self.window, self.max_keys = limits, window, max_keys
-        self.started = OrderedDict()             # key -> deque of start times, oldest first
+        # kind -> (key -> deque of start times, oldest first), least recently used first
+        self.started = {kind: OrderedDict() for kind in limits}
         self.lock = threading.Lock()
 
     def reserve(self, keys, now):
@@ -943,7 +945,7 @@ class LoginLimiter:
         with self.lock:
             waits = []
             for key in keys:
-                times = self.started.get(key)
+                times = self.started[key[0]].get(key)
                 while times and times[0] <= now - self.window:
                     times.popleft()
                 if times and len(times) >= self.limits[key[0]]:
@@ -951,24 +953,25 @@ class LoginLimiter:
             if waits:
                 return int(max(waits)) + 1
             for key in keys:
-                times = self.started.pop(key, None) or deque()
+                table = self.started[key[0]]
+                times = table.pop(key, None) or deque()
                 times.append(now)
-                self.started[key] = times       # to the end: the most recently used
-            while len(self.started) > self.max_keys:
-                self.started.popitem(last=False)
+                table[key] = times              # to the end: the most recently used
+                while len(table) > self.max_keys:
+                    table.popitem(last=False)
         return 0
 
     def release(self, key, now):
         """Take back the check counted against key at now (a right password)."""
         with self.lock:
-            times = self.started.get(key)
+            times = self.started[key[0]].get(key)
             if times and now in times:
                 times.remove(now)
 
     def forget(self, key):
         """Start key's count afresh."""
         with self.lock:
-            self.started.pop(key, None)
+            self.started[key[0]].pop(key, None)
 
 
 def decode_password(encoded):
@@ -1724,16 +1727,19 @@ def get_info(request):
 def register(request):
     """POST /users/register (when allowRegistration is on): a new user; 201 with its record."""
     server = request.server
-    if server.users.count() >= server.config["maxUsers"]:     # the file has the last word
+    if server.users.count() >= server.config["maxUsers"]:     # checked again under the lock
         raise users_full()
-    # Every attempt counts, at its start, against the address's login budget: "taken"
-    # tells that a username exists, so a loop probing names gets no more tries than a
-    # loop guessing passwords.
+    fields = read_fields(request)
+    username, encoded_password = credentials_from(fields)
+    # Every well-formed attempt counts, at its start, against the address's login budget:
+    # "taken" tells that a username exists, so a loop probing names gets no more tries than
+    # a loop guessing passwords. A malformed body (400) learns nothing and counts nothing:
+    # it must not buy an address a place in the limiter's table for free.
     wait = server.limiter.reserve((("address", request.client_address[0]),), time.time())
     if wait:
         raise HTTPError(429, f"Too many attempts from this address; try again in {wait} seconds",
                         headers=(("Retry-After", str(wait)),))
-    username, password, profile = read_registration(request)
+    password, profile = checked_registration(fields, username, encoded_password)
     if server.users.has_name_like(username):                    # saves hashing in vain
         raise username_taken(username)
     with server.hash_slots:             # slow, so before the users file is locked
@@ -1753,10 +1759,8 @@ def register(request):
     return Response(201, public_record(record))
 
 
-def read_registration(request):
-    """(username, password, profile fields) from the body, each checked; 400 if one fails."""
-    fields = read_fields(request)
-    username, encoded_password = credentials_from(fields)
+def checked_registration(fields, username, encoded_password):
+    """(password, profile fields) from a sign-up's fields, each checked; 400 if one fails."""
     password = decode_password(encoded_password)
     profile = {name: value for name, value in fields.items()
                if name not in ("username", "password")}
@@ -1768,7 +1772,7 @@ def read_registration(request):
         check_profile(profile)
     except (ValueError, ConfigError) as error:
         raise named_error(400, "ValidationError", str(error)) from None
-    return username, password, profile
+    return password, profile
 
 
 def username_taken(username):

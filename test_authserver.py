@@ -721,7 +721,7 @@ class TestBruteForce(unittest.TestCase):
         self.assertEqual(limiter.reserve([("user", "a")], 1061), 0)
         for n in range(10000):
             limiter.reserve([("user", str(n))], 2000)
-        self.assertEqual(len(limiter.started), 100)
+        self.assertEqual(len(limiter.started["user"]), 100)
 
 
 # ---------------------------------------------------------------------------
@@ -3074,7 +3074,8 @@ class TestLimitsPerUserAndAddress(unittest.TestCase):
         limiter = authserver.LoginLimiter({"user": 1}, window=60, max_keys=3)
         for name in "abcd":
             self.assertEqual(limiter.reserve([("user", name)], 1000), 0)
-        self.assertEqual(list(limiter.started), [("user", "b"), ("user", "c"), ("user", "d")])
+        self.assertEqual(list(limiter.started["user"]),
+                         [("user", "b"), ("user", "c"), ("user", "d")])
         self.assertEqual(limiter.reserve([("user", "d")], 1001), 60)    # the newest is kept
         self.assertEqual(limiter.reserve([("user", "a")], 1001), 0)     # the oldest forgotten
 
@@ -3083,9 +3084,9 @@ class TestLimitsPerUserAndAddress(unittest.TestCase):
         keys = [("user", "a"), ("address", "x")]
         self.assertEqual(limiter.reserve(keys, 1000), 0)
         self.assertEqual(limiter.reserve(keys, 1001), 60)
-        self.assertEqual(len(limiter.started[("address", "x")]), 1)
+        self.assertEqual(len(limiter.started["address"][("address", "x")]), 1)
         limiter.release(("address", "x"), 1000)
-        self.assertEqual(len(limiter.started[("address", "x")]), 0)
+        self.assertEqual(len(limiter.started["address"][("address", "x")]), 0)
 
 
 class TestLimitsConfigNumbers(unittest.TestCase):
