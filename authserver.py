@@ -2357,10 +2357,26 @@ class InFlight:
 
 
 class ConnectionSlots:
-    """Connections open now, in all and per client address, within the two caps."""
+    """Connections open now, in all and per client address, within the caps.
+
+    Besides the two caps, two shares, so that no flood takes every slot:
+    - one address holds at most half of all slots, whatever maxConnectionsPerAddress says
+      (the open-file limit may have lowered the total below it);
+    - the last fifth of the slots is kept for newcomers, addresses holding fewer than
+      NEWCOMER_CONNECTIONS. A class behind one NAT may need its ~300, so the per-address
+      cap cannot be small; but then two flooding addresses (a laptop's IPv4 and IPv6, two
+      phones) would fill 600 slots, and a third address must still get in.
+    """
+
+    NEWCOMER_CONNECTIONS = 8            # a browser's 6, and some to spare
 
     def __init__(self, most, most_per_address):
-        self.most, self.most_per_address = most, most_per_address
+        self.most = most
+        self.most_per_address = max(1, min(most_per_address, most // 2))
+        reserved = most // 5
+        self.open_to_all = most - reserved
+        # With few slots the reserve is small: a newcomer may take half of it at most.
+        self.newcomer_below = min(self.NEWCOMER_CONNECTIONS, max(1, reserved // 2))
         self.total = 0
         self.per_address = {}            # only addresses with a connection open: bounded
         self.lock = threading.Lock()
@@ -2368,9 +2384,11 @@ class ConnectionSlots:
     def take(self, address):
         """A slot for a new connection from address: None if taken, else why not."""
         with self.lock:
+            held = self.per_address.get(address, 0)
             if self.total >= self.most:
                 return "Server busy: too many connections; try again in a moment"
-            if self.per_address.get(address, 0) >= self.most_per_address:
+            if held >= self.most_per_address or (self.total >= self.open_to_all
+                                                 and held >= self.newcomer_below):
                 return "Too many connections from your address; try again in a moment"
             self.total += 1
             self.per_address[address] = self.per_address.get(address, 0) + 1

@@ -938,7 +938,8 @@ class TestConnections(unittest.TestCase):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
 
     def test_slow_and_idle_clients_do_not_block_others_and_are_cut_off(self):
-        server = start_server(self, requestTimeout=1, maxConnectionsPerAddress=1000)
+        server = start_server(self, requestTimeout=1, maxConnections=1000,
+                              maxConnectionsPerAddress=1000)      # one address may hold 500
         port = server.server_address[1]
         stalled, idle = [], []
         try:
@@ -3865,17 +3866,21 @@ class TestConnsCaps(unittest.TestCase):
         try:
             connect_from(self.server, "127.0.0.2").close()
             connect_from(self.server, "127.0.0.3").close()
+            connect_from(self.server, "127.0.0.4").close()
         except OSError as error:
-            self.skipTest(f"cannot send from 127.0.0.2 / 127.0.0.3 here: {error}")
+            self.skipTest(f"cannot send from 127.0.0.2 to 127.0.0.4 here: {error}")
         self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
         self.hold(4, "127.0.0.1")
         with connect_from(self.server, "127.0.0.2") as neighbour:
             neighbour.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
             self.assertEqual(read_response(neighbour)[0], 200)
         self.assertTrue(wait_until(lambda: self.server.connections.total == 4))
-        self.hold(4, "127.0.0.2")                               # now 8: the server's cap
-        with connect_from(self.server, "127.0.0.3") as third:
-            self.assert_503(third, "Server busy: too many connections; try again in a moment")
+        self.hold(3, "127.0.0.2")               # now 7: the last slot is kept for a newcomer
+        with connect_from(self.server, "127.0.0.2") as fourth:
+            self.assert_503(fourth, "Too many connections from your address; try again in a moment")
+        self.hold(1, "127.0.0.3")                               # now 8: the server's cap
+        with connect_from(self.server, "127.0.0.4") as fourth_address:
+            self.assert_503(fourth_address, "Server busy: too many connections; try again in a moment")
 
     def test_slots_are_given_back_however_a_connection_ends(self):
         port = self.server.server_address[1]
