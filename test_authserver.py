@@ -4431,6 +4431,68 @@ class TestChapterRequest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# bench/: the mechanisms the benchmarks rely on (never a time: speed is measured in bench/)
+# ---------------------------------------------------------------------------
+
+def import_bench(name):
+    """A module of bench/, which imports its siblings by name."""
+    import importlib
+    folder = str(HERE / "bench")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
+WRK_REPORT = """Running 3s test @ http://127.0.0.1:4000/users/getInfo
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.00ms    1.29ms  24.83ms   92.12%
+    Req/Sec    14.02k     3.10k   17.50k    99.50%
+  Latency Distribution
+     50%  672.00us
+     75%    1.00ms
+     90%    1.95ms
+     99%    1.20s
+  41939 requests in 3.00s, 15.48MB read
+  Socket errors: connect 1, read 2, write 3, timeout 4
+  Non-2xx or 3xx responses: 5
+Requests/sec:  13958.25
+Transfer/sec:      5.15MB
+"""
+
+
+class TestBenchMechanisms(unittest.TestCase):
+
+    def test_wrk_report_is_parsed_with_units(self):
+        common = import_bench("common")
+        self.assertEqual(common.parse_wrk(WRK_REPORT),
+                         {"rate": 13958.25, "p50": 0.672, "p99": 1200.0, "non2xx": 5, "errors": 10})
+
+    def test_pacing_script_delays_each_request(self):
+        script = import_bench("bench_paced").pacing_script(64, 3000)
+        self.assertIn("function delay()", script)
+        self.assertIn("local mean = 21.333", script)      # 64 connections / 3,000 req/s, in ms
+
+    def test_parse_json_object_allows_only_json_whitespace(self):
+        self.assertEqual(authserver.parse_json_object(b' \t\r\n{"a": 1} \n'), {"a": 1})
+        for text in (b'\x0c{"a": 1}', b'{"a": 1}\x0b', b'{"a": 1} x', b'{"a": 1}{}', b" ", b""):
+            with self.subTest(text), self.assertRaises(ValueError):
+                authserver.parse_json_object(text)
+
+    def test_every_bench_script_imports_and_answers_help(self):
+        scripts = sorted((HERE / "bench").glob("bench_*.py"))
+        self.assertGreaterEqual(len(scripts), 6)
+        for script in scripts:
+            with self.subTest(script.name):
+                done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                                      text=True, timeout=60)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+                self.assertIn("usage:", done.stdout)
+
+
+# ---------------------------------------------------------------------------
 # Fixes: look-alike usernames, sign-up's fields and growth, the limiter's tables,
 # connection shares
 # ---------------------------------------------------------------------------
