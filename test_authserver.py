@@ -731,7 +731,7 @@ class TestBruteForce(unittest.TestCase):
         self.assertEqual(limiter.reserve([("user", "a")], 1061), 0)
         for n in range(10000):
             limiter.reserve([("user", str(n))], 2000)
-        self.assertEqual(len(limiter.started), 100)
+        self.assertEqual(len(limiter.started["user"]), 100)
 
 
 # ---------------------------------------------------------------------------
@@ -948,7 +948,8 @@ class TestConnections(unittest.TestCase):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
 
     def test_slow_and_idle_clients_do_not_block_others_and_are_cut_off(self):
-        server = start_server(self, requestTimeout=1, maxConnectionsPerAddress=1000)
+        server = start_server(self, requestTimeout=1, maxConnections=1000,
+                              maxConnectionsPerAddress=1000)      # one address may hold 500
         port = server.server_address[1]
         stalled, idle = [], []
         try:
@@ -2500,22 +2501,21 @@ class TestSignup(unittest.TestCase):
 
     def test_wrong_types_and_fields_are_400(self):
         text = "must be text of at most 200 printable characters"
-        ours = ("is not accepted: profile fields are named like firstName, and id and password "
-                "fields are the server's")
+        ours = "is not accepted: the profile fields are firstName, lastName, phone"
         strings = "username and password must be strings"
         table = [
             ({"username": 5, "password": b64("correct horse")}, strings),
             ({"username": "types", "password": ["x"]}, strings),
             ({"username": "types"}, "username and password are required"),
-            (signup_body("types", age=30), f"age {text}"),
-            (signup_body("types", tags=["a"]), f"tags {text}"),
-            (signup_body("types", address={"city": "x"}), f"address {text}"),
-            (signup_body("types", note="x" * 201), f"note {text}"),
-            (signup_body("types", note="two\nlines"), f"note {text}"),
+            (signup_body("types", phone=5550100), f"phone {text}"),
+            (signup_body("types", firstName=["a"]), f"firstName {text}"),
+            (signup_body("types", lastName={"x": "y"}), f"lastName {text}"),
+            (signup_body("types", firstName="x" * 201), f"firstName {text}"),
+            (signup_body("types", lastName="two\nlines"), f"lastName {text}"),
+            (signup_body("types", age="30"), f"field 'age' {ours}"),
             (signup_body("types", id="1"), f"field 'id' {ours}"),
             (signup_body("types", passwordHash="pbkdf2_sha256$1$a$b"), f"field 'passwordHash' {ours}"),
             (signup_body("types", **{"first name": "x"}), f"field 'first name' {ours}"),
-            (signup_body("types", **{f"f{n}": "x" for n in range(11)}), "at most 10 profile fields"),
         ]
         for body, message in table:
             with self.subTest(body=body):
@@ -2527,8 +2527,8 @@ class TestSignup(unittest.TestCase):
         self.assertEqual(self.register("{", content_type="application/json")[0], 400)
         self.assertEqual(self.register("x", content_type="text/plain")[0], 415)
         self.assertEqual(self.stored("types"), [])
-        ten = signup_body("types", **{f"f{n}": "x" * 200 for n in range(10)})
-        self.assertEqual(self.register(ten)[0], 201)
+        longest = signup_body("types", **{name: "x" * 200 for name in authserver.PROFILE_FIELDS})
+        self.assertEqual(self.register(longest)[0], 201)
 
     def test_twenty_at_once_all_land(self):
         barrier = threading.Barrier(20)
@@ -2764,6 +2764,8 @@ class TestOpenAPI(unittest.TestCase):
         cls.limited = start_server(scope, Files(scope, allowRegistration=True,
                                                 addressLoginAttempts=1,
                                                 passwordIterations=FAST_ITERATIONS))
+        cls.full = start_server(scope, Files(scope, allowRegistration=True, maxUsers=3,
+                                             passwordIterations=FAST_ITERATIONS))
         # A server whose files have failed: its sessions database closed under it, its
         # users.json no longer JSON (it keeps the users it had loaded).
         cls.broken_files = Files(scope, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
@@ -2851,6 +2853,7 @@ class TestOpenAPI(unittest.TestCase):
         ("GET", "/users/sessions", 503): {"headers": UNSEEN, "server": "broken"},
         ("POST", "/users/register", 201): {"body": signup_body("walk-new", firstName="W")},
         ("POST", "/users/register", 400): {"body": signup_body("walk bad")},
+        ("POST", "/users/register", 403): {"body": signup_body("walk-full"), "server": "full"},
         ("POST", "/users/register", 409): {"body": signup_body("test")},
         ("POST", "/users/register", 429): "limited_twice",
         ("POST", "/users/register", 503): {"body": signup_body("walk-503"), "server": "broken"},
@@ -3082,7 +3085,8 @@ class TestLimitsPerUserAndAddress(unittest.TestCase):
         limiter = authserver.LoginLimiter({"user": 1}, window=60, max_keys=3)
         for name in "abcd":
             self.assertEqual(limiter.reserve([("user", name)], 1000), 0)
-        self.assertEqual(list(limiter.started), [("user", "b"), ("user", "c"), ("user", "d")])
+        self.assertEqual(list(limiter.started["user"]),
+                         [("user", "b"), ("user", "c"), ("user", "d")])
         self.assertEqual(limiter.reserve([("user", "d")], 1001), 60)    # the newest is kept
         self.assertEqual(limiter.reserve([("user", "a")], 1001), 0)     # the oldest forgotten
 
@@ -3091,9 +3095,9 @@ class TestLimitsPerUserAndAddress(unittest.TestCase):
         keys = [("user", "a"), ("address", "x")]
         self.assertEqual(limiter.reserve(keys, 1000), 0)
         self.assertEqual(limiter.reserve(keys, 1001), 60)
-        self.assertEqual(len(limiter.started[("address", "x")]), 1)
+        self.assertEqual(len(limiter.started["address"][("address", "x")]), 1)
         limiter.release(("address", "x"), 1000)
-        self.assertEqual(len(limiter.started[("address", "x")]), 0)
+        self.assertEqual(len(limiter.started["address"][("address", "x")]), 0)
 
 
 class TestLimitsConfigNumbers(unittest.TestCase):
@@ -3872,17 +3876,21 @@ class TestConnsCaps(unittest.TestCase):
         try:
             connect_from(self.server, "127.0.0.2").close()
             connect_from(self.server, "127.0.0.3").close()
+            connect_from(self.server, "127.0.0.4").close()
         except OSError as error:
-            self.skipTest(f"cannot send from 127.0.0.2 / 127.0.0.3 here: {error}")
+            self.skipTest(f"cannot send from 127.0.0.2 to 127.0.0.4 here: {error}")
         self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
         self.hold(4, "127.0.0.1")
         with connect_from(self.server, "127.0.0.2") as neighbour:
             neighbour.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
             self.assertEqual(read_response(neighbour)[0], 200)
         self.assertTrue(wait_until(lambda: self.server.connections.total == 4))
-        self.hold(4, "127.0.0.2")                               # now 8: the server's cap
-        with connect_from(self.server, "127.0.0.3") as third:
-            self.assert_503(third, "Server busy: too many connections; try again in a moment")
+        self.hold(3, "127.0.0.2")               # now 7: the last slot is kept for a newcomer
+        with connect_from(self.server, "127.0.0.2") as fourth:
+            self.assert_503(fourth, "Too many connections from your address; try again in a moment")
+        self.hold(1, "127.0.0.3")                               # now 8: the server's cap
+        with connect_from(self.server, "127.0.0.4") as fourth_address:
+            self.assert_503(fourth_address, "Server busy: too many connections; try again in a moment")
 
     def test_slots_are_given_back_however_a_connection_ends(self):
         port = self.server.server_address[1]
@@ -4432,7 +4440,6 @@ class TestChapterRequest(unittest.TestCase):
                 self.assertEqual(authserver.response_bytes(*arguments), expected.encode("utf-8"))
 
 
-
 # ---------------------------------------------------------------------------
 # bench/: the mechanisms the benchmarks rely on (never a time: speed is measured in bench/)
 # ---------------------------------------------------------------------------
@@ -4795,6 +4802,328 @@ class TestCliFixesOldPython(unittest.TestCase):
                 self.assertEqual((result.stdout, result.stderr),
                                  ("", f"authserver needs Python 3.9+ (this is {version})\n"))
                 self.assertNotEqual(result.returncode, 0)
+
+
+# Fixes: look-alike usernames, sign-up's fields and growth, the limiter's tables,
+# connection shares
+# ---------------------------------------------------------------------------
+
+def main_quietly(*args, stdin=""):
+    """authserver.main(args) in this process: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("sys.stdout", stdout), \
+            mock.patch("sys.stderr", stderr):
+        code = authserver.main([str(arg) for arg in args])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def registration(server, body):
+    """POST /users/register: (status, parsed JSON body)."""
+    status, _, data = exchange(server, "POST", "/users/register", body)
+    return status, json.loads(data) if data else None
+
+
+# Names that print like "test" (or like nothing at all after it): Unicode's
+# Default_Ignorable_Code_Point characters of every category, and blank symbols.
+INVISIBLE_TAILS = ["\u034f", "\u3164", "\u2800", "\ufe00", "\u00ad", "\u115f", "\u1160",
+                   "\u17b4", "\u180b", "\u061c", "\ufe0f", "\uffa0", "\U0001d173",
+                   "\U0001bca0", "\U000e0100", "\u2064"]
+
+
+class TestNameFixesUsernames(unittest.TestCase):
+    """One name, one account: no invisible tails, NFC only, case and width folded."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.files = Files(ClassScope(cls), allowRegistration=True, addressLoginAttempts=1000,
+                          passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(ClassScope(cls), cls.files)
+
+    def names(self, files=None):
+        return [user["username"] for user in
+                json.loads((files or self.files).users.read_text(encoding="utf-8"))]
+
+    def test_the_rule_refuses_invisible_and_blank_characters(self):
+        for tail in INVISIBLE_TAILS:
+            with self.subTest(tail=f"U+{ord(tail):04X}"), \
+                    self.assertRaises(authserver.ConfigError) as caught:
+                authserver.check_username("test" + tail, "here")
+            self.assertTrue(str(caught.exception).startswith("here: "))
+        for name in ("café", "山田", "o'brien", "Ünïcödé", "ｆｕｌｌ"):      # still fine alone
+            authserver.check_username(name, "here")
+
+    def test_the_rule_refuses_names_not_in_nfc(self):
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.check_username("cafe\u0301", "here")
+        self.assertTrue(str(caught.exception).startswith("here: "))
+        self.assertIn("NFC", str(caught.exception))
+
+    def test_sign_up_refuses_look_alikes_of_existing_names(self):
+        before = self.names()
+        for name in ["test" + tail for tail in INVISIBLE_TAILS]:
+            with self.subTest(name=name):
+                status, body = registration(self.server, signup_body(name))
+                self.assertEqual((status, body.get("name")), (400, "ValidationError"), body)
+        for name in ("Test", "TEST", "ｔｅｓｔ", "ＴＥＳＴ", "cafe\u0301", "CAFÉ", "NCUSER"):
+            with self.subTest(name=name):
+                status, body = registration(self.server, signup_body(name))
+                self.assertEqual((status, body.get("name")), (409, "UsernameTakenError"), body)
+        self.assertEqual(self.names(), before)
+
+    def test_sign_up_one_name_in_any_case_or_width_gets_one_account(self):
+        self.assertEqual(registration(self.server, signup_body("alice"))[0], 201)
+        for name in ("Alice", "ALICE", "ａｌｉｃｅ", "ＡＬＩＣＥ"):
+            with self.subTest(name=name):
+                self.assertEqual(registration(self.server, signup_body(name))[0], 409)
+        self.assertEqual([name for name in self.names() if name.casefold().endswith("ice")
+                          or "ｉ" in name], ["alice"])
+
+    def test_sign_up_stores_nfc_and_nfd_logs_in(self):
+        status, body = registration(self.server, signup_body("noe\u0308l", "snow on the roof"))
+        self.assertEqual((status, body["username"]), (201, "no\u00ebl"))
+        self.assertIn("no\u00ebl", self.names())
+        self.assertEqual(registration(self.server, signup_body("no\u00ebl"))[0], 409)
+        for spelling in ("no\u00ebl", "noe\u0308l"):
+            with self.subTest(spelling=ascii(spelling)):
+                status, _, data = exchange(self.server, "POST", "/users/authenticate",
+                                           login_body(spelling, "snow on the roof"))
+                self.assertEqual(status, 200, data)
+                claims = decode_token(json.loads(data)["token"], SECRET)
+                self.assertEqual(claims["username"], "no\u00ebl")
+
+    def test_login_normalises_to_nfc_but_stays_exact(self):
+        status, _, data = exchange(self.server, "POST", "/users/authenticate",
+                                   login_body("cafe\u0301", "pässwörd"))          # NFD, from a phone
+        self.assertEqual(status, 200, data)
+        for other in ("CAFÉ", "Test", "ｔｅｓｔ"):                                  # logins are exact
+            with self.subTest(other=other):
+                status, _, data = exchange(self.server, "POST", "/users/authenticate",
+                                           login_body(other, "pässwörd" if "É" in other else "test"))
+                self.assertEqual((status, json.loads(data)),
+                                 (400, {"message": "Username or password is incorrect"}))
+
+    def test_the_users_file_may_not_hold_one_name_twice(self):
+        for first, second in (("alice", "ALICE"), ("alice", "ａｌｉｃｅ"), ("straße", "STRASSE"),
+                              ("café", "CAFÉ")):
+            with self.subTest(first=first, second=second):
+                files = Files(self, users=[make_user(1, first, "pw"), make_user(2, second, "pw")])
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.UserStore(files.users)
+                self.assertTrue(str(caught.exception).startswith(f"users file {files.users}: "))
+        files = Files(self, users=[make_user(1, "cafe\u0301", "pw")])            # NFD on disk
+        with self.assertRaises(authserver.ConfigError):
+            authserver.UserStore(files.users)
+
+    def test_adduser_normalises_and_refuses_the_same_name(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for name in ("Test", "ＴＥＳＴ", "cafe\u0301", "test\u034f", "test\u3164", "test\u2800"):
+            with self.subTest(name=name):
+                before = files.users.read_bytes()
+                code, _, stderr = main_quietly("adduser", name, "--config", files.config,
+                                               "--users", files.users, stdin="a passphrase\n")
+                self.assertEqual(code, 2, stderr)
+                self.assertTrue(stderr.startswith("authserver: "), stderr)
+                self.assertEqual(stderr.count("\n"), 1, stderr)
+                self.assertEqual(files.users.read_bytes(), before)
+        code, _, stderr = main_quietly("adduser", "noe\u0308l", "--config", files.config,
+                                       "--users", files.users, stdin="a passphrase\n")
+        self.assertEqual(code, 0, stderr)
+        self.assertIn("no\u00ebl", self.names(files))
+        self.assertNotIn("noe\u0308l", self.names(files))
+
+
+class TestNameFixesProfileFields(unittest.TestCase):
+    """Sign-up takes the tutorial's profile fields, and no field of its own choosing."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.files = Files(ClassScope(cls), allowRegistration=True, addressLoginAttempts=1000,
+                          passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(ClassScope(cls), cls.files)
+
+    def test_fields_outside_the_allow_list_are_refused(self):
+        before = self.files.users.read_bytes()
+        for field, value in (("role", "admin"), ("isAdmin", "true"), ("scope", "admin"),
+                             ("sid", "x"), ("exp", "9999999999"), ("iat", "0"), ("iss", "me"),
+                             ("nickname", "eve"), ("username2", "x"), ("Role", "admin")):
+            with self.subTest(field=field):
+                status, body = registration(self.server,
+                                            signup_body(f"eve-{field}", **{field: value}))
+                self.assertEqual((status, body.get("name")), (400, "ValidationError"), body)
+                self.assertIn(repr(field), body["message"])
+                self.assertIn("firstName, lastName, phone", body["message"])
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_the_tutorials_fields_are_kept_and_shown(self):
+        profile = {"firstName": "Eve", "lastName": "Adams", "phone": "555-0100"}
+        status, body = registration(self.server, signup_body("eve2", **profile))
+        self.assertEqual(status, 201, body)
+        self.assertEqual({**body, "id": 0}, {"id": 0, "username": "eve2", **profile})
+
+    def test_the_openapi_document_lists_exactly_those_fields(self):
+        document = json.loads(exchange(self.server, "GET", "/openapi.json")[2])
+        schema = document["components"]["schemas"]["Registration"]
+        self.assertEqual(sorted(schema["properties"]),
+                         sorted(["username", "password", "firstName", "lastName", "phone"]))
+        self.assertIs(schema.get("additionalProperties"), False)
+
+
+class TestNameFixesMaxUsers(unittest.TestCase):
+    """maxUsers: sign-up stops at a number of users, with a 403 in the tutorial's shape."""
+
+    FULL = {"error": True, "name": "TooManyUsersError",
+            "message": "Sign-up is closed: this server has as many users as it takes"}
+
+    def test_the_setting(self):
+        self.assertEqual(authserver.DEFAULT_CONFIG["maxUsers"], 10000)
+        for bad in (0, -1, 2.5, "10", True, None, 1_000_001):
+            with self.subTest(bad=bad):
+                files = Files(self, maxUsers=bad)
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.load_config(files.config)
+                self.assertEqual(str(caught.exception), f"config file {files.config}: "
+                                 f"maxUsers must be a whole number from 1 to 1000000")
+
+    def test_sign_up_beyond_max_users_is_403_and_writes_nothing(self):
+        files = Files(self, allowRegistration=True, maxUsers=4, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        self.assertEqual(registration(server, signup_body("fourth"))[0], 201)
+        before = files.users.read_bytes()
+        self.assertEqual(registration(server, signup_body("fifth")), (403, self.FULL))
+        self.assertEqual(files.users.read_bytes(), before)
+        # The administrator is not bound by it: adduser still adds.
+        code, _, stderr = main_quietly("adduser", "staff", "--config", files.config,
+                                       "--users", files.users, stdin="a passphrase\n")
+        self.assertEqual(code, 0, stderr)
+        document = json.loads(exchange(server, "GET", "/openapi.json")[2])
+        answer = document["paths"]["/users/register"]["post"]["responses"]["403"]
+        self.assertEqual(answer["content"]["application/json"]["schema"],
+                         {"$ref": "#/components/schemas/NamedError"})
+
+    def test_sign_ups_at_once_stop_at_the_limit(self):
+        files = Files(self, allowRegistration=True, maxUsers=5, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        barrier = threading.Barrier(6)
+        statuses = []
+
+        def sign_up(number):
+            barrier.wait(timeout=30)
+            statuses.append(registration(server, signup_body(f"racer{number}"))[0])
+        threads = [threading.Thread(target=sign_up, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(sorted(statuses), [201, 201] + [403] * 4)
+        self.assertEqual(len(json.loads(files.users.read_text(encoding="utf-8"))), 5)
+
+
+class TestNameFixesLimiterTables(unittest.TestCase):
+    """Cheap requests from many addresses cannot push a username's count out of the limiter."""
+
+    def test_address_keys_never_evict_user_keys(self):
+        limiter = authserver.LoginLimiter({"user": 2, "address": 100}, window=60, max_keys=3)
+        for _ in range(2):
+            self.assertEqual(limiter.reserve([("user", "test"), ("address", "a")], 1000), 0)
+        self.assertEqual(limiter.reserve([("user", "test")], 1001), 60)
+        for number in range(10):
+            self.assertEqual(limiter.reserve([("address", f"10.0.0.{number}")], 1002), 0)
+        self.assertEqual(limiter.reserve([("user", "test")], 1003), 58)
+        for name in "abc":                          # user keys are still bounded, among themselves
+            limiter.reserve([("user", name)], 1004)
+        self.assertEqual(limiter.reserve([("user", "test")], 1005), 0)
+
+    def start(self, **config):
+        files = Files(self, allowRegistration=True, passwordIterations=FAST_ITERATIONS, **config)
+        server = start_server(self, files)
+        return server
+
+    def test_many_addresses_signing_up_cannot_reset_a_users_count(self):
+        server = self.start(loginAttempts=2)
+        server.limiter = authserver.LoginLimiter({"user": 2, "address": 50}, 60, max_keys=5)
+        try:
+            connect_from(server, "127.0.2.1").close()
+        except OSError as error:
+            self.skipTest(f"cannot send from 127.0.2.1 here: {error}")
+        wrong = json.dumps(login_body("test", "a guess"))
+        self.assertEqual([raw_exchange(server, post(wrong))[0] for _ in range(3)], [400, 400, 429])
+        port = server.server_address[1]
+        for number in range(1, 13):                  # malformed (400) and taken (409) sign-ups
+            for body, status in (({"username": "x"}, 400), (signup_body("ncuser"), 409)):
+                with connect_from(server, f"127.0.2.{number}") as sock:
+                    sock.sendall(post(json.dumps(body)).replace(b"/users/authenticate",
+                                                                b"/users/register"))
+                    self.assertEqual(read_response(sock)[0], status)
+        self.assertEqual(raw_exchange(server, post(wrong))[0], 429)
+
+    def test_a_malformed_sign_up_costs_nothing(self):
+        server = self.start(addressLoginAttempts=2)
+        for body in ({"username": "x"}, {"password": b64("correct horse")}, [1],
+                     {"username": 5, "password": b64("correct horse")}):
+            with self.subTest(body=body):
+                self.assertEqual(registration(server, body)[0], 400)
+        self.assertEqual(exchange(server, "POST", "/users/register", "{")[0], 400)
+        self.assertEqual(registration(server, signup_body("first"))[0], 201)
+        self.assertEqual(registration(server, signup_body("second"))[0], 201)
+        self.assertEqual(registration(server, signup_body("third"))[0], 429)
+
+
+class TestNameFixesConnectionShares(unittest.TestCase):
+    """No address, and no two addresses, may take every connection slot."""
+
+    def setUp(self):
+        self.held = []
+        self.addCleanup(lambda: [sock.close() for sock in self.held])
+
+    def hold_all(self, server, source):
+        """Open connections from source until one gets 503; how many were served."""
+        for _ in range(50):
+            sock = connect_from(server, source)
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            status = read_response(sock)[0]
+            if status == 503:
+                sock.close()
+                return len([s for s in self.held if s.getsockname()[0] == source])
+            self.assertEqual(status, 200)
+            self.held.append(sock)                   # kept open: it holds its slot
+        self.fail(f"no 503 for {source} after 50 connections")
+
+    def assert_served(self, server, source):
+        with connect_from(server, source) as sock:
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertEqual(read_response(sock)[0], 200)
+
+    def skip_unless_sources(self, server, *sources):
+        for source in sources:
+            try:
+                connect_from(server, source).close()
+            except OSError as error:
+                self.skipTest(f"cannot send from {source} here: {error}")
+
+    def test_one_address_gets_at_most_half_when_the_file_limit_lowers_the_total(self):
+        # A POSIX system with ulimit -n 74, hard: room for 10 connections besides the spare files.
+        fake = mock.Mock(RLIMIT_NOFILE=7, RLIM_INFINITY=-1, getrlimit=lambda which: (74, 74),
+                         setrlimit=mock.Mock(side_effect=ValueError("not allowed")))
+        with mock.patch.object(authserver, "resource", fake):
+            server = start_server(self)                  # 600 in all, 300 per address: defaults
+        self.skip_unless_sources(server, "127.0.0.2")
+        self.assertLessEqual(self.hold_all(server, "127.0.0.1"), 5)
+        self.assert_served(server, "127.0.0.2")
+
+    def test_one_address_gets_at_most_half_of_a_low_total(self):
+        server = start_server(self, maxConnections=10, maxConnectionsPerAddress=300)
+        self.skip_unless_sources(server, "127.0.0.2")
+        self.assertLessEqual(self.hold_all(server, "127.0.0.1"), 5)
+        self.assert_served(server, "127.0.0.2")
+
+    def test_two_flooding_addresses_leave_room_for_a_third(self):
+        server = start_server(self, maxConnections=10, maxConnectionsPerAddress=5)
+        self.skip_unless_sources(server, "127.0.0.2", "127.0.0.3")
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        first = self.hold_all(server, "127.0.0.1")
+        second = self.hold_all(server, "127.0.0.3")
+        self.assertGreaterEqual(first + second, 6)      # the flood got most of the slots ...
+        self.assert_served(server, "127.0.0.2")          # ... and a newcomer is still served
 
 
 if __name__ == "__main__":
