@@ -321,7 +321,7 @@ def load_secret(config):
         except OSError as error:
             raise ConfigError(f"cannot create secret file {path}: {error}") from None
     try:
-        return checked_secret(path.read_text(encoding="utf-8").strip(), f"secret file {path}")
+        return checked_secret(path.read_text(encoding="utf-8-sig").strip(), f"secret file {path}")
     except OSError as error:
         raise ConfigError(f"secret file {path}: {error}") from None
 

@@ -4761,6 +4761,13 @@ class TestCliFixesByteOrderMark(unittest.TestCase):
         self.assertEqual(len(err.splitlines()), 1)
 
 
+    def test_a_secret_file_saved_with_a_bom_is_the_same_secret(self):
+        files = Files(self, secret="")
+        (files.folder / "authserver.secret").write_bytes(b"\xef\xbb\xbf" + SECRET.encode() + b"\r\n")
+        self.assertEqual(authserver.load_secret(authserver.load_config(files.config)),
+                         SECRET.encode())
+
+
 class TestCliFixesDuplicateUsers(unittest.TestCase):
     """A duplicate in users.json is named: the username twice, or the id with both names."""
 
