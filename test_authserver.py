@@ -4,6 +4,18 @@ Run: python -m unittest -v
 Every server here is real, on 127.0.0.1 port 0, in a thread or a subprocess.
 """
 
+import os
+import sys
+
+# Before `import authserver`: its own check ends in SystemExit, which unittest's discovery
+# catches (a bare except) and reports as a failed import, traceback and all. A SkipTest
+# would report success. So: one line, and out at once with a failure's exit code.
+# (This file must stay parseable by Python 3.6 to 3.8 for this line to be reached.)
+if sys.version_info < (3, 9):
+    sys.stderr.write("authserver needs Python 3.9+ (this is %d.%d)\n" % sys.version_info[:2])
+    sys.stderr.flush()
+    os._exit(1)
+
 import ast
 import base64
 import errno
@@ -14,7 +26,6 @@ import http.client
 import http.server
 import io
 import json
-import os
 import runpy
 import re
 import queue
@@ -26,7 +37,6 @@ import socketserver
 import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -721,7 +731,7 @@ class TestBruteForce(unittest.TestCase):
         self.assertEqual(limiter.reserve([("user", "a")], 1061), 0)
         for n in range(10000):
             limiter.reserve([("user", str(n))], 2000)
-        self.assertEqual(len(limiter.started), 100)
+        self.assertEqual(len(limiter.started["user"]), 100)
 
 
 # ---------------------------------------------------------------------------
@@ -938,7 +948,8 @@ class TestConnections(unittest.TestCase):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
 
     def test_slow_and_idle_clients_do_not_block_others_and_are_cut_off(self):
-        server = start_server(self, requestTimeout=1, maxConnectionsPerAddress=1000)
+        server = start_server(self, requestTimeout=1, maxConnections=1000,
+                              maxConnectionsPerAddress=1000)      # one address may hold 500
         port = server.server_address[1]
         stalled, idle = [], []
         try:
@@ -2490,22 +2501,21 @@ class TestSignup(unittest.TestCase):
 
     def test_wrong_types_and_fields_are_400(self):
         text = "must be text of at most 200 printable characters"
-        ours = ("is not accepted: profile fields are named like firstName, and id and password "
-                "fields are the server's")
+        ours = "is not accepted: the profile fields are firstName, lastName, phone"
         strings = "username and password must be strings"
         table = [
             ({"username": 5, "password": b64("correct horse")}, strings),
             ({"username": "types", "password": ["x"]}, strings),
             ({"username": "types"}, "username and password are required"),
-            (signup_body("types", age=30), f"age {text}"),
-            (signup_body("types", tags=["a"]), f"tags {text}"),
-            (signup_body("types", address={"city": "x"}), f"address {text}"),
-            (signup_body("types", note="x" * 201), f"note {text}"),
-            (signup_body("types", note="two\nlines"), f"note {text}"),
+            (signup_body("types", phone=5550100), f"phone {text}"),
+            (signup_body("types", firstName=["a"]), f"firstName {text}"),
+            (signup_body("types", lastName={"x": "y"}), f"lastName {text}"),
+            (signup_body("types", firstName="x" * 201), f"firstName {text}"),
+            (signup_body("types", lastName="two\nlines"), f"lastName {text}"),
+            (signup_body("types", age="30"), f"field 'age' {ours}"),
             (signup_body("types", id="1"), f"field 'id' {ours}"),
             (signup_body("types", passwordHash="pbkdf2_sha256$1$a$b"), f"field 'passwordHash' {ours}"),
             (signup_body("types", **{"first name": "x"}), f"field 'first name' {ours}"),
-            (signup_body("types", **{f"f{n}": "x" for n in range(11)}), "at most 10 profile fields"),
         ]
         for body, message in table:
             with self.subTest(body=body):
@@ -2517,8 +2527,8 @@ class TestSignup(unittest.TestCase):
         self.assertEqual(self.register("{", content_type="application/json")[0], 400)
         self.assertEqual(self.register("x", content_type="text/plain")[0], 415)
         self.assertEqual(self.stored("types"), [])
-        ten = signup_body("types", **{f"f{n}": "x" * 200 for n in range(10)})
-        self.assertEqual(self.register(ten)[0], 201)
+        longest = signup_body("types", **{name: "x" * 200 for name in authserver.PROFILE_FIELDS})
+        self.assertEqual(self.register(longest)[0], 201)
 
     def test_twenty_at_once_all_land(self):
         barrier = threading.Barrier(20)
@@ -2754,6 +2764,8 @@ class TestOpenAPI(unittest.TestCase):
         cls.limited = start_server(scope, Files(scope, allowRegistration=True,
                                                 addressLoginAttempts=1,
                                                 passwordIterations=FAST_ITERATIONS))
+        cls.full = start_server(scope, Files(scope, allowRegistration=True, maxUsers=3,
+                                             passwordIterations=FAST_ITERATIONS))
         # A server whose files have failed: its sessions database closed under it, its
         # users.json no longer JSON (it keeps the users it had loaded).
         cls.broken_files = Files(scope, allowRegistration=True, passwordIterations=FAST_ITERATIONS)
@@ -2841,6 +2853,7 @@ class TestOpenAPI(unittest.TestCase):
         ("GET", "/users/sessions", 503): {"headers": UNSEEN, "server": "broken"},
         ("POST", "/users/register", 201): {"body": signup_body("walk-new", firstName="W")},
         ("POST", "/users/register", 400): {"body": signup_body("walk bad")},
+        ("POST", "/users/register", 403): {"body": signup_body("walk-full"), "server": "full"},
         ("POST", "/users/register", 409): {"body": signup_body("test")},
         ("POST", "/users/register", 429): "limited_twice",
         ("POST", "/users/register", 503): {"body": signup_body("walk-503"), "server": "broken"},
@@ -3072,7 +3085,8 @@ class TestLimitsPerUserAndAddress(unittest.TestCase):
         limiter = authserver.LoginLimiter({"user": 1}, window=60, max_keys=3)
         for name in "abcd":
             self.assertEqual(limiter.reserve([("user", name)], 1000), 0)
-        self.assertEqual(list(limiter.started), [("user", "b"), ("user", "c"), ("user", "d")])
+        self.assertEqual(list(limiter.started["user"]),
+                         [("user", "b"), ("user", "c"), ("user", "d")])
         self.assertEqual(limiter.reserve([("user", "d")], 1001), 60)    # the newest is kept
         self.assertEqual(limiter.reserve([("user", "a")], 1001), 0)     # the oldest forgotten
 
@@ -3081,9 +3095,9 @@ class TestLimitsPerUserAndAddress(unittest.TestCase):
         keys = [("user", "a"), ("address", "x")]
         self.assertEqual(limiter.reserve(keys, 1000), 0)
         self.assertEqual(limiter.reserve(keys, 1001), 60)
-        self.assertEqual(len(limiter.started[("address", "x")]), 1)
+        self.assertEqual(len(limiter.started["address"][("address", "x")]), 1)
         limiter.release(("address", "x"), 1000)
-        self.assertEqual(len(limiter.started[("address", "x")]), 0)
+        self.assertEqual(len(limiter.started["address"][("address", "x")]), 0)
 
 
 class TestLimitsConfigNumbers(unittest.TestCase):
@@ -3290,7 +3304,7 @@ class TestLimitsCatchMutations(SharedServerCase):
         files = Files(self, users=[make_user(7, "ann", "x"), make_user(7, "bob", "y")])
         with self.assertRaises(authserver.ConfigError) as caught:
             authserver.UserStore(files.users)
-        self.assertIn("id 7 is twice", str(caught.exception))
+        self.assertIn("the id 7 is used by both 'ann' and 'bob'", str(caught.exception))
         files = Files(self, users=[make_user(7, "ann", "x"), make_user("7", "bob", "y")])
         self.assertEqual(len(authserver.UserStore(files.users).tables.by_id), 2)  # 7 is not "7"
 
@@ -3862,17 +3876,21 @@ class TestConnsCaps(unittest.TestCase):
         try:
             connect_from(self.server, "127.0.0.2").close()
             connect_from(self.server, "127.0.0.3").close()
+            connect_from(self.server, "127.0.0.4").close()
         except OSError as error:
-            self.skipTest(f"cannot send from 127.0.0.2 / 127.0.0.3 here: {error}")
+            self.skipTest(f"cannot send from 127.0.0.2 to 127.0.0.4 here: {error}")
         self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
         self.hold(4, "127.0.0.1")
         with connect_from(self.server, "127.0.0.2") as neighbour:
             neighbour.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
             self.assertEqual(read_response(neighbour)[0], 200)
         self.assertTrue(wait_until(lambda: self.server.connections.total == 4))
-        self.hold(4, "127.0.0.2")                               # now 8: the server's cap
-        with connect_from(self.server, "127.0.0.3") as third:
-            self.assert_503(third, "Server busy: too many connections; try again in a moment")
+        self.hold(3, "127.0.0.2")               # now 7: the last slot is kept for a newcomer
+        with connect_from(self.server, "127.0.0.2") as fourth:
+            self.assert_503(fourth, "Too many connections from your address; try again in a moment")
+        self.hold(1, "127.0.0.3")                               # now 8: the server's cap
+        with connect_from(self.server, "127.0.0.4") as fourth_address:
+            self.assert_503(fourth_address, "Server busy: too many connections; try again in a moment")
 
     def test_slots_are_given_back_however_a_connection_ends(self):
         port = self.server.server_address[1]
@@ -4420,6 +4438,699 @@ class TestChapterRequest(unittest.TestCase):
         for arguments, expected in table:
             with self.subTest(arguments=arguments[1:]):
                 self.assertEqual(authserver.response_bytes(*arguments), expected.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# bench/: the mechanisms the benchmarks rely on (never a time: speed is measured in bench/)
+# ---------------------------------------------------------------------------
+
+def import_bench(name):
+    """A module of bench/, which imports its siblings by name."""
+    import importlib
+    folder = str(HERE / "bench")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
+WRK_REPORT = """Running 3s test @ http://127.0.0.1:4000/users/getInfo
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.00ms    1.29ms  24.83ms   92.12%
+    Req/Sec    14.02k     3.10k   17.50k    99.50%
+  Latency Distribution
+     50%  672.00us
+     75%    1.00ms
+     90%    1.95ms
+     99%    1.20s
+  41939 requests in 3.00s, 15.48MB read
+  Socket errors: connect 1, read 2, write 3, timeout 4
+  Non-2xx or 3xx responses: 5
+Requests/sec:  13958.25
+Transfer/sec:      5.15MB
+"""
+
+
+class TestBenchMechanisms(unittest.TestCase):
+
+    def test_wrk_report_is_parsed_with_units(self):
+        common = import_bench("common")
+        self.assertEqual(common.parse_wrk(WRK_REPORT),
+                         {"rate": 13958.25, "p50": 0.672, "p99": 1200.0, "non2xx": 5, "errors": 10})
+
+    def test_pacing_script_delays_each_request(self):
+        script = import_bench("bench_paced").pacing_script(64, 3000)
+        self.assertIn("function delay()", script)
+        self.assertIn("local mean = 21.333", script)      # 64 connections / 3,000 req/s, in ms
+
+    def test_parse_json_object_allows_only_json_whitespace(self):
+        self.assertEqual(authserver.parse_json_object(b' \t\r\n{"a": 1} \n'), {"a": 1})
+        for text in (b'\x0c{"a": 1}', b'{"a": 1}\x0b', b'{"a": 1} x', b'{"a": 1}{}', b" ", b""):
+            with self.subTest(text), self.assertRaises(ValueError):
+                authserver.parse_json_object(text)
+
+    def test_every_bench_script_imports_and_answers_help(self):
+        scripts = sorted((HERE / "bench").glob("bench_*.py"))
+        self.assertGreaterEqual(len(scripts), 6)
+        for script in scripts:
+            with self.subTest(script.name):
+                done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                                      text=True, timeout=60)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+                self.assertIn("usage:", done.stdout)
+
+
+# ---------------------------------------------------------------------------
+# The command line for newcomers: why a token is malformed, help texts, BOMs, old Pythons
+# ---------------------------------------------------------------------------
+
+def normalised(text):
+    """text with every run of whitespace as one space: argparse wraps to the terminal."""
+    return " ".join(text.split())
+
+
+def help_text(*args):
+    """What `python authserver.py ARGS --help` prints (exit 0), run in this process."""
+    out = io.StringIO()
+    with mock.patch("sys.stdout", out), mock.patch.dict(os.environ, {"COLUMNS": "100"}), \
+            self_exit() as caught:
+        authserver.main([*args, "--help"])
+    assert caught.code == 0, caught.code
+    return out.getvalue()
+
+
+class self_exit:
+    """Catches the SystemExit of --help; .code is its exit code."""
+
+    code = "no SystemExit"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is SystemExit:
+            self.code = error.code
+            return True
+        return False
+
+
+class TestCliFixesMalformed(unittest.TestCase):
+    """explain says why a token is malformed, and takes back what copying added to it."""
+
+    def setUp(self):
+        self.files = Files(self)
+        self.token = token_for()
+
+    def explain(self, *args, stdin=""):
+        return explain_cli(self.files, *args, stdin=stdin)
+
+    def assert_explained_with_note(self, result, *phrases):
+        self.assertEqual((result.returncode, result.stderr), (0, ""), result.stdout)
+        first_step = result.stdout.index("1. Split at the dots")
+        notes = result.stdout[:first_step]
+        self.assertTrue(notes.startswith("Note: "), result.stdout)
+        for phrase in phrases:
+            self.assertIn(phrase, normalised(notes))
+        self.assertIn("(Sent as pasted, it is refused: jwt malformed.)", normalised(notes))
+        self.assertIn(f"3 segments of base64url, {len(self.token)} characters", result.stdout)
+        self.assertIn("Verdict: valid", result.stdout)
+
+    def test_json_quotes_are_taken_off_with_a_note(self):
+        token = self.token
+        for pasted in (f'"{token}"', f'"token":"{token}"', f'"token": "{token}",',
+                       f'{{"token":"{token}","expiresIn":"1h"}}', f"'{token}'"):
+            with self.subTest(pasted):
+                self.assert_explained_with_note(self.explain(pasted),
+                                                "copied with its quotes")
+        piped = self.explain(stdin=f'  "token":"{token}"\n')
+        self.assert_explained_with_note(piped, "copied with its quotes")
+
+    def test_a_wrapped_token_is_joined_with_a_note(self):
+        token = self.token
+        for pasted in (token[:40] + "\n" + token[40:], token[:70] + "\r\n  " + token[70:],
+                       token[:10] + " " + token[10:90] + "\t" + token[90:]):
+            with self.subTest(pasted):
+                self.assert_explained_with_note(self.explain(pasted), "line break or space")
+                self.assert_explained_with_note(self.explain(stdin=pasted + "\n"),
+                                                "line break or space")
+        both = self.explain(f'"token": "{token[:50]}\n{token[50:]}"')
+        self.assert_explained_with_note(both, "copied with its quotes", "line break or space")
+        self.assertNotIn("Note:", self.explain(token).stdout)
+
+    def assert_malformed(self, token, *why):
+        result = self.explain(token)
+        self.assertEqual((result.returncode, result.stderr), (1, ""), result.stdout)
+        out = result.stdout
+        fail = out.index("FAIL JsonWebTokenError: jwt malformed")
+        verdict = out.index("Verdict: rejected")
+        reasons = normalised(out[fail:verdict])
+        for phrase in why:
+            self.assertIn(phrase, reasons, out)
+        return reasons
+
+    def test_the_number_of_segments(self):
+        head, payload, signature = self.token.split(".")
+        self.assert_malformed(f"{head}.{payload}", "2 segments (1 dot); a JWT has 3",
+                              "header.payload.signature", "cut short")
+        self.assert_malformed(f"{self.token}.{signature}", "4 segments (3 dots); a JWT has 3")
+        self.assert_malformed(head, "1 segment (no dot); a JWT has 3")
+        self.assert_malformed(f"{self.token}.a.b", "5 segments (4 dots)", "encrypted")
+
+    def test_the_first_character_that_is_not_base64url_and_where(self):
+        head, payload, signature = self.token.split(".")
+        at = len(head) + 1 + 20                 # 0-based: the 21st character of the payload
+        for char, hint in (("!", None), ("+", "base64url uses - and _"),
+                           ("=", "padding"), ('"', "quote"), ("é", None)):
+            with self.subTest(char):
+                bad = self.token[:at] + char + self.token[at + 1:]
+                reasons = self.assert_malformed(
+                    bad, f"character {at + 1} of {len(bad)}, {char!r}, in the payload, is not "
+                         f"base64url (A-Z a-z 0-9 - _)")
+                if hint:
+                    self.assertIn(hint, reasons)
+        # Quotes copied on one side only are not taken off: the reason names them.
+        self.assert_malformed(self.token + '",', f"character {len(self.token) + 1} of "
+                                                 f"{len(self.token) + 2}, '\"', in the signature")
+        self.assert_malformed(f".{payload}.{signature}", "the header is empty")
+        self.assert_malformed(self.token + "A" * 9000, "longer than the 8192")
+
+    def test_the_server_itself_keeps_refusing_such_tokens(self):
+        server = start_server(self, self.files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        token = self.token
+        for headers in ({"Authorization": f'Bearer "{token}"'},
+                        {"x-access-token": f'"{token}"'},
+                        {"Authorization": f"Bearer {token[:40]} {token[40:]}"},
+                        {"x-access-token": f"{token[:40]} {token[40:]}"},
+                        {"x-access-token": ".".join(token.split(".")[:2])}):
+            with self.subTest(headers):
+                status, _, body = client.request("GET", "/users/getInfo", headers=headers)
+                self.assertEqual((status, body["message"]), (401, "jwt malformed"))
+
+
+class TestCliFixesRefusedHeader(unittest.TestCase):
+    """A refused header (alg none, crit, not JSON) still shows the payload, not trusted."""
+
+    def test_the_payload_is_shown_readable_but_not_trusted(self):
+        files = Files(self)
+        now = int(time.time())
+        claims = {"id": 81623, "username": "test", "iat": now, "exp": now + 600}
+        payload = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+        for token, error in (
+                (forge({"alg": "none", "typ": "JWT"}, claims, signature=""), "invalid algorithm"),
+                (forge({"alg": "HS512"}, claims), "invalid algorithm"),
+                (forge({"alg": "HS256", "crit": ["x"], "x": 1}, claims), "invalid token"),
+                (f"{b64url_encode(b'not json')}.{payload}.{SIGNATURE}", "invalid token")):
+            with self.subTest(error=error, token=token):
+                result = explain_cli(files, token)
+                self.assertEqual((result.returncode, result.stderr), (1, ""))
+                out = result.stdout
+                order = [out.index("2. Decode the header"),
+                         out.index(f"FAIL JsonWebTokenError: {error}"),
+                         out.index("Readable, but not trusted:"),
+                         out.index(f'{{"id":81623,"username":"test","iat":{now},'
+                                   f'"exp":{now + 600}}}'),
+                         out.index(f"exp {now + 600} = 20"),
+                         out.index("Verdict: rejected")]
+                self.assertEqual(order, sorted(order), out)
+                self.assertNotIn("3. Recompute the signature", out)
+
+
+class TestCliFixesHelp(unittest.TestCase):
+    """Every command's --help says what it does, in words a newcomer needs."""
+
+    def test_the_main_help_says_no_command_means_serve(self):
+        text = normalised(help_text()).lower()
+        self.assertIn("with no command it serves", text)
+
+    def test_adduser_and_passwd_say_where_the_password_comes_from(self):
+        for command in ("adduser", "passwd"):
+            with self.subTest(command):
+                text = normalised(help_text(command))
+                self.assertIn("asks for the password twice", text)
+                self.assertIn("reads one line from stdin", text)
+
+    def test_token_says_it_has_no_session_and_that_is_true(self):
+        text = normalised(help_text("token"))
+        self.assertIn("belongs to no session (no sid claim)", text)
+        self.assertIn("cannot be revoked", text)
+        files = Files(self)
+        code, out, err = main_in_process("token", "test", "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual((code, err), (0, ""))
+        claims = json.loads(b64url_decode(out.strip().split(".")[1]))
+        self.assertEqual(sorted(claims), ["exp", "iat", "id", "username"])
+        # ... and revoking the user's sessions leaves it good.
+        self.assertEqual(main_in_process("revoke", "test", "--config", files.config,
+                                         "--users", files.users)[0], 0)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        status, _, body = client.request("GET", "/users/getInfo", headers=bearer(out.strip()))
+        self.assertEqual((status, body["username"]), (200, "test"))
+
+    def test_explain_sessions_and_revoke(self):
+        explain_help = normalised(help_text("explain"))
+        for phrase in ("read from stdin", "'-'", "Authorization: Bearer"):
+            self.assertIn(phrase, explain_help)
+        self.assertIn("list a user's live sessions", normalised(help_text("sessions")).lower())
+        self.assertIn("end all of a user's sessions, or the one given",
+                      normalised(help_text("revoke")).lower())
+
+
+class TestCliFixesRunningServer(unittest.TestCase):
+    """passwd and adduser say that a running server picks the change up, and it does."""
+
+    def run_with_password(self, files, *args, password="n3w-pa55w0rd"):
+        with mock.patch("sys.stdin", io.StringIO(password + "\n")):
+            return main_in_process(*args, "--config", files.config, "--users", files.users)
+
+    def test_passwd_and_adduser(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        line = (f"A server running with {files.users} picks this up within a second.")
+        for reloads, (args, login) in enumerate(
+                ((("passwd", "test"), login_body("test", "n3w-pa55w0rd")),
+                 (("adduser", "newcomer"), login_body("newcomer", "n3w-pa55w0rd"))), 1):
+            with self.subTest(args[0]):
+                code, out, err = self.run_with_password(files, *args)
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(out.splitlines()[1:], [line], out)
+                # No request in between: the idle server notices by itself (not by polling
+                # logins, which would meet the failed-login limiter first).
+                self.assertTrue(poll_until(
+                    lambda: server.test_log.getvalue().count("users file reloaded") == reloads))
+                status, _, body = client.request("POST", "/users/authenticate", login)
+                self.assertEqual(status, 200, body)
+
+
+class TestCliFixesByteOrderMark(unittest.TestCase):
+    """config.json and users.json saved by Windows Notepad (UTF-8 with a BOM) are read."""
+
+    def test_json_files_with_a_bom(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for path in (files.config, files.users):
+            path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        status, _, body = client.request("POST", "/users/authenticate", login_body())
+        self.assertEqual(status, 200, body)
+        code, out, err = main_in_process("token", "test", "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual((code, err), (0, ""))
+        with mock.patch("sys.stdin", io.StringIO("n3w-pa55w0rd\n")):
+            code, out, err = main_in_process("adduser", "newcomer", "--config", files.config,
+                                             "--users", files.users)
+        self.assertEqual((code, err), (0, ""))
+        written = files.users.read_bytes()
+        self.assertTrue(written.startswith(b"[\n"), written[:10])     # written without one
+        self.assertEqual([user["username"] for user in json.loads(written)],
+                         ["test", "ncuser", "café", "newcomer"])
+        # A BOM is not a licence for other encodings: Latin-1 is still one line, exit 2.
+        files.users.write_bytes('[{"id": 1, "username": "caf\xe9"}]'.encode("latin-1"))
+        code, out, err = main_in_process("token", "test", "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual(code, 2)
+        self.assertTrue(err.startswith(f"authserver: users file {files.users}: 'utf-8"), err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+
+    def test_a_secret_file_saved_with_a_bom_is_the_same_secret(self):
+        files = Files(self, secret="")
+        (files.folder / "authserver.secret").write_bytes(b"\xef\xbb\xbf" + SECRET.encode() + b"\r\n")
+        self.assertEqual(authserver.load_secret(authserver.load_config(files.config)),
+                         SECRET.encode())
+
+
+class TestCliFixesDuplicateUsers(unittest.TestCase):
+    """A duplicate in users.json is named: the username twice, or the id with both names."""
+
+    def test_which_is_twice(self):
+        for users, message in (
+                ([make_user(1, "bob", "x"), make_user(2, "bob", "y")],
+                 "the username 'bob' appears twice"),
+                ([make_user(7, "ann", "x"), make_user(8, "cid", "z"), make_user(7, "bob", "y")],
+                 "the id 7 is used by both 'ann' and 'bob'"),
+                ([make_user("u7", "ann", "x"), make_user("u7", "bob", "y")],
+                 "the id 'u7' is used by both 'ann' and 'bob'")):
+            with self.subTest(message):
+                files = Files(self, users=users)
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.UserStore(files.users)
+                self.assertEqual(str(caught.exception), f"users file {files.users}: {message}")
+
+
+class TestCliFixesOldPython(unittest.TestCase):
+    """`python -m unittest` on Python 3.6 to 3.8: one line and a non-zero exit."""
+
+    def test_the_test_suite_on_older_interpreters(self):
+        found = {}
+        for version in ("3.6", "3.7", "3.8"):
+            candidates = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+            if candidates:                       # not the shims: a pyenv shim may not run
+                found[version] = candidates[0]
+        if "3.8" not in found:
+            self.skipTest("no Python 3.8 in ~/.pyenv/versions")
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder, True)
+        for name in ("authserver.py", "test_authserver.py"):
+            shutil.copy(HERE / name, folder / name)
+        for version, python in found.items():
+            with self.subTest(python=str(python)):
+                result = subprocess.run([str(python), "-m", "unittest"], cwd=folder,
+                                        capture_output=True, text=True, timeout=60,
+                                        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                self.assertEqual((result.stdout, result.stderr),
+                                 ("", f"authserver needs Python 3.9+ (this is {version})\n"))
+                self.assertNotEqual(result.returncode, 0)
+
+
+# Fixes: look-alike usernames, sign-up's fields and growth, the limiter's tables,
+# connection shares
+# ---------------------------------------------------------------------------
+
+def main_quietly(*args, stdin=""):
+    """authserver.main(args) in this process: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("sys.stdout", stdout), \
+            mock.patch("sys.stderr", stderr):
+        code = authserver.main([str(arg) for arg in args])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def registration(server, body):
+    """POST /users/register: (status, parsed JSON body)."""
+    status, _, data = exchange(server, "POST", "/users/register", body)
+    return status, json.loads(data) if data else None
+
+
+# Names that print like "test" (or like nothing at all after it): Unicode's
+# Default_Ignorable_Code_Point characters of every category, and blank symbols.
+INVISIBLE_TAILS = ["\u034f", "\u3164", "\u2800", "\ufe00", "\u00ad", "\u115f", "\u1160",
+                   "\u17b4", "\u180b", "\u061c", "\ufe0f", "\uffa0", "\U0001d173",
+                   "\U0001bca0", "\U000e0100", "\u2064"]
+
+
+class TestNameFixesUsernames(unittest.TestCase):
+    """One name, one account: no invisible tails, NFC only, case and width folded."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.files = Files(ClassScope(cls), allowRegistration=True, addressLoginAttempts=1000,
+                          passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(ClassScope(cls), cls.files)
+
+    def names(self, files=None):
+        return [user["username"] for user in
+                json.loads((files or self.files).users.read_text(encoding="utf-8"))]
+
+    def test_the_rule_refuses_invisible_and_blank_characters(self):
+        for tail in INVISIBLE_TAILS:
+            with self.subTest(tail=f"U+{ord(tail):04X}"), \
+                    self.assertRaises(authserver.ConfigError) as caught:
+                authserver.check_username("test" + tail, "here")
+            self.assertTrue(str(caught.exception).startswith("here: "))
+        for name in ("café", "山田", "o'brien", "Ünïcödé", "ｆｕｌｌ"):      # still fine alone
+            authserver.check_username(name, "here")
+
+    def test_the_rule_refuses_names_not_in_nfc(self):
+        with self.assertRaises(authserver.ConfigError) as caught:
+            authserver.check_username("cafe\u0301", "here")
+        self.assertTrue(str(caught.exception).startswith("here: "))
+        self.assertIn("NFC", str(caught.exception))
+
+    def test_sign_up_refuses_look_alikes_of_existing_names(self):
+        before = self.names()
+        for name in ["test" + tail for tail in INVISIBLE_TAILS]:
+            with self.subTest(name=name):
+                status, body = registration(self.server, signup_body(name))
+                self.assertEqual((status, body.get("name")), (400, "ValidationError"), body)
+        for name in ("Test", "TEST", "ｔｅｓｔ", "ＴＥＳＴ", "cafe\u0301", "CAFÉ", "NCUSER"):
+            with self.subTest(name=name):
+                status, body = registration(self.server, signup_body(name))
+                self.assertEqual((status, body.get("name")), (409, "UsernameTakenError"), body)
+        self.assertEqual(self.names(), before)
+
+    def test_sign_up_one_name_in_any_case_or_width_gets_one_account(self):
+        self.assertEqual(registration(self.server, signup_body("alice"))[0], 201)
+        for name in ("Alice", "ALICE", "ａｌｉｃｅ", "ＡＬＩＣＥ"):
+            with self.subTest(name=name):
+                self.assertEqual(registration(self.server, signup_body(name))[0], 409)
+        self.assertEqual([name for name in self.names() if name.casefold().endswith("ice")
+                          or "ｉ" in name], ["alice"])
+
+    def test_sign_up_stores_nfc_and_nfd_logs_in(self):
+        status, body = registration(self.server, signup_body("noe\u0308l", "snow on the roof"))
+        self.assertEqual((status, body["username"]), (201, "no\u00ebl"))
+        self.assertIn("no\u00ebl", self.names())
+        self.assertEqual(registration(self.server, signup_body("no\u00ebl"))[0], 409)
+        for spelling in ("no\u00ebl", "noe\u0308l"):
+            with self.subTest(spelling=ascii(spelling)):
+                status, _, data = exchange(self.server, "POST", "/users/authenticate",
+                                           login_body(spelling, "snow on the roof"))
+                self.assertEqual(status, 200, data)
+                claims = decode_token(json.loads(data)["token"], SECRET)
+                self.assertEqual(claims["username"], "no\u00ebl")
+
+    def test_login_normalises_to_nfc_but_stays_exact(self):
+        status, _, data = exchange(self.server, "POST", "/users/authenticate",
+                                   login_body("cafe\u0301", "pässwörd"))          # NFD, from a phone
+        self.assertEqual(status, 200, data)
+        for other in ("CAFÉ", "Test", "ｔｅｓｔ"):                                  # logins are exact
+            with self.subTest(other=other):
+                status, _, data = exchange(self.server, "POST", "/users/authenticate",
+                                           login_body(other, "pässwörd" if "É" in other else "test"))
+                self.assertEqual((status, json.loads(data)),
+                                 (400, {"message": "Username or password is incorrect"}))
+
+    def test_the_users_file_may_not_hold_one_name_twice(self):
+        for first, second in (("alice", "ALICE"), ("alice", "ａｌｉｃｅ"), ("straße", "STRASSE"),
+                              ("café", "CAFÉ")):
+            with self.subTest(first=first, second=second):
+                files = Files(self, users=[make_user(1, first, "pw"), make_user(2, second, "pw")])
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.UserStore(files.users)
+                self.assertTrue(str(caught.exception).startswith(f"users file {files.users}: "))
+        files = Files(self, users=[make_user(1, "cafe\u0301", "pw")])            # NFD on disk
+        with self.assertRaises(authserver.ConfigError):
+            authserver.UserStore(files.users)
+
+    def test_adduser_normalises_and_refuses_the_same_name(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        for name in ("Test", "ＴＥＳＴ", "cafe\u0301", "test\u034f", "test\u3164", "test\u2800"):
+            with self.subTest(name=name):
+                before = files.users.read_bytes()
+                code, _, stderr = main_quietly("adduser", name, "--config", files.config,
+                                               "--users", files.users, stdin="a passphrase\n")
+                self.assertEqual(code, 2, stderr)
+                self.assertTrue(stderr.startswith("authserver: "), stderr)
+                self.assertEqual(stderr.count("\n"), 1, stderr)
+                self.assertEqual(files.users.read_bytes(), before)
+        code, _, stderr = main_quietly("adduser", "noe\u0308l", "--config", files.config,
+                                       "--users", files.users, stdin="a passphrase\n")
+        self.assertEqual(code, 0, stderr)
+        self.assertIn("no\u00ebl", self.names(files))
+        self.assertNotIn("noe\u0308l", self.names(files))
+
+
+class TestNameFixesProfileFields(unittest.TestCase):
+    """Sign-up takes the tutorial's profile fields, and no field of its own choosing."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.files = Files(ClassScope(cls), allowRegistration=True, addressLoginAttempts=1000,
+                          passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(ClassScope(cls), cls.files)
+
+    def test_fields_outside_the_allow_list_are_refused(self):
+        before = self.files.users.read_bytes()
+        for field, value in (("role", "admin"), ("isAdmin", "true"), ("scope", "admin"),
+                             ("sid", "x"), ("exp", "9999999999"), ("iat", "0"), ("iss", "me"),
+                             ("nickname", "eve"), ("username2", "x"), ("Role", "admin")):
+            with self.subTest(field=field):
+                status, body = registration(self.server,
+                                            signup_body(f"eve-{field}", **{field: value}))
+                self.assertEqual((status, body.get("name")), (400, "ValidationError"), body)
+                self.assertIn(repr(field), body["message"])
+                self.assertIn("firstName, lastName, phone", body["message"])
+        self.assertEqual(self.files.users.read_bytes(), before)
+
+    def test_the_tutorials_fields_are_kept_and_shown(self):
+        profile = {"firstName": "Eve", "lastName": "Adams", "phone": "555-0100"}
+        status, body = registration(self.server, signup_body("eve2", **profile))
+        self.assertEqual(status, 201, body)
+        self.assertEqual({**body, "id": 0}, {"id": 0, "username": "eve2", **profile})
+
+    def test_the_openapi_document_lists_exactly_those_fields(self):
+        document = json.loads(exchange(self.server, "GET", "/openapi.json")[2])
+        schema = document["components"]["schemas"]["Registration"]
+        self.assertEqual(sorted(schema["properties"]),
+                         sorted(["username", "password", "firstName", "lastName", "phone"]))
+        self.assertIs(schema.get("additionalProperties"), False)
+
+
+class TestNameFixesMaxUsers(unittest.TestCase):
+    """maxUsers: sign-up stops at a number of users, with a 403 in the tutorial's shape."""
+
+    FULL = {"error": True, "name": "TooManyUsersError",
+            "message": "Sign-up is closed: this server has as many users as it takes"}
+
+    def test_the_setting(self):
+        self.assertEqual(authserver.DEFAULT_CONFIG["maxUsers"], 10000)
+        for bad in (0, -1, 2.5, "10", True, None, 1_000_001):
+            with self.subTest(bad=bad):
+                files = Files(self, maxUsers=bad)
+                with self.assertRaises(authserver.ConfigError) as caught:
+                    authserver.load_config(files.config)
+                self.assertEqual(str(caught.exception), f"config file {files.config}: "
+                                 f"maxUsers must be a whole number from 1 to 1000000")
+
+    def test_sign_up_beyond_max_users_is_403_and_writes_nothing(self):
+        files = Files(self, allowRegistration=True, maxUsers=4, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        self.assertEqual(registration(server, signup_body("fourth"))[0], 201)
+        before = files.users.read_bytes()
+        self.assertEqual(registration(server, signup_body("fifth")), (403, self.FULL))
+        self.assertEqual(files.users.read_bytes(), before)
+        # The administrator is not bound by it: adduser still adds.
+        code, _, stderr = main_quietly("adduser", "staff", "--config", files.config,
+                                       "--users", files.users, stdin="a passphrase\n")
+        self.assertEqual(code, 0, stderr)
+        document = json.loads(exchange(server, "GET", "/openapi.json")[2])
+        answer = document["paths"]["/users/register"]["post"]["responses"]["403"]
+        self.assertEqual(answer["content"]["application/json"]["schema"],
+                         {"$ref": "#/components/schemas/NamedError"})
+
+    def test_sign_ups_at_once_stop_at_the_limit(self):
+        files = Files(self, allowRegistration=True, maxUsers=5, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        barrier = threading.Barrier(6)
+        statuses = []
+
+        def sign_up(number):
+            barrier.wait(timeout=30)
+            statuses.append(registration(server, signup_body(f"racer{number}"))[0])
+        threads = [threading.Thread(target=sign_up, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        self.assertEqual(sorted(statuses), [201, 201] + [403] * 4)
+        self.assertEqual(len(json.loads(files.users.read_text(encoding="utf-8"))), 5)
+
+
+class TestNameFixesLimiterTables(unittest.TestCase):
+    """Cheap requests from many addresses cannot push a username's count out of the limiter."""
+
+    def test_address_keys_never_evict_user_keys(self):
+        limiter = authserver.LoginLimiter({"user": 2, "address": 100}, window=60, max_keys=3)
+        for _ in range(2):
+            self.assertEqual(limiter.reserve([("user", "test"), ("address", "a")], 1000), 0)
+        self.assertEqual(limiter.reserve([("user", "test")], 1001), 60)
+        for number in range(10):
+            self.assertEqual(limiter.reserve([("address", f"10.0.0.{number}")], 1002), 0)
+        self.assertEqual(limiter.reserve([("user", "test")], 1003), 58)
+        for name in "abc":                          # user keys are still bounded, among themselves
+            limiter.reserve([("user", name)], 1004)
+        self.assertEqual(limiter.reserve([("user", "test")], 1005), 0)
+
+    def start(self, **config):
+        files = Files(self, allowRegistration=True, passwordIterations=FAST_ITERATIONS, **config)
+        server = start_server(self, files)
+        return server
+
+    def test_many_addresses_signing_up_cannot_reset_a_users_count(self):
+        server = self.start(loginAttempts=2)
+        server.limiter = authserver.LoginLimiter({"user": 2, "address": 50}, 60, max_keys=5)
+        try:
+            connect_from(server, "127.0.2.1").close()
+        except OSError as error:
+            self.skipTest(f"cannot send from 127.0.2.1 here: {error}")
+        wrong = json.dumps(login_body("test", "a guess"))
+        self.assertEqual([raw_exchange(server, post(wrong))[0] for _ in range(3)], [400, 400, 429])
+        port = server.server_address[1]
+        for number in range(1, 13):                  # malformed (400) and taken (409) sign-ups
+            for body, status in (({"username": "x"}, 400), (signup_body("ncuser"), 409)):
+                with connect_from(server, f"127.0.2.{number}") as sock:
+                    sock.sendall(post(json.dumps(body)).replace(b"/users/authenticate",
+                                                                b"/users/register"))
+                    self.assertEqual(read_response(sock)[0], status)
+        self.assertEqual(raw_exchange(server, post(wrong))[0], 429)
+
+    def test_a_malformed_sign_up_costs_nothing(self):
+        server = self.start(addressLoginAttempts=2)
+        for body in ({"username": "x"}, {"password": b64("correct horse")}, [1],
+                     {"username": 5, "password": b64("correct horse")}):
+            with self.subTest(body=body):
+                self.assertEqual(registration(server, body)[0], 400)
+        self.assertEqual(exchange(server, "POST", "/users/register", "{")[0], 400)
+        self.assertEqual(registration(server, signup_body("first"))[0], 201)
+        self.assertEqual(registration(server, signup_body("second"))[0], 201)
+        self.assertEqual(registration(server, signup_body("third"))[0], 429)
+
+
+class TestNameFixesConnectionShares(unittest.TestCase):
+    """No address, and no two addresses, may take every connection slot."""
+
+    def setUp(self):
+        self.held = []
+        self.addCleanup(lambda: [sock.close() for sock in self.held])
+
+    def hold_all(self, server, source):
+        """Open connections from source until one gets 503; how many were served."""
+        for _ in range(50):
+            sock = connect_from(server, source)
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            status = read_response(sock)[0]
+            if status == 503:
+                sock.close()
+                return len([s for s in self.held if s.getsockname()[0] == source])
+            self.assertEqual(status, 200)
+            self.held.append(sock)                   # kept open: it holds its slot
+        self.fail(f"no 503 for {source} after 50 connections")
+
+    def assert_served(self, server, source):
+        with connect_from(server, source) as sock:
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertEqual(read_response(sock)[0], 200)
+
+    def skip_unless_sources(self, server, *sources):
+        for source in sources:
+            try:
+                connect_from(server, source).close()
+            except OSError as error:
+                self.skipTest(f"cannot send from {source} here: {error}")
+
+    def test_one_address_gets_at_most_half_when_the_file_limit_lowers_the_total(self):
+        # A POSIX system with ulimit -n 74, hard: room for 10 connections besides the spare files.
+        fake = mock.Mock(RLIMIT_NOFILE=7, RLIM_INFINITY=-1, getrlimit=lambda which: (74, 74),
+                         setrlimit=mock.Mock(side_effect=ValueError("not allowed")))
+        with mock.patch.object(authserver, "resource", fake):
+            server = start_server(self)                  # 600 in all, 300 per address: defaults
+        self.skip_unless_sources(server, "127.0.0.2")
+        self.assertLessEqual(self.hold_all(server, "127.0.0.1"), 5)
+        self.assert_served(server, "127.0.0.2")
+
+    def test_one_address_gets_at_most_half_of_a_low_total(self):
+        server = start_server(self, maxConnections=10, maxConnectionsPerAddress=300)
+        self.skip_unless_sources(server, "127.0.0.2")
+        self.assertLessEqual(self.hold_all(server, "127.0.0.1"), 5)
+        self.assert_served(server, "127.0.0.2")
+
+    def test_two_flooding_addresses_leave_room_for_a_third(self):
+        server = start_server(self, maxConnections=10, maxConnectionsPerAddress=5)
+        self.skip_unless_sources(server, "127.0.0.2", "127.0.0.3")
+        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        first = self.hold_all(server, "127.0.0.1")
+        second = self.hold_all(server, "127.0.0.3")
+        self.assertGreaterEqual(first + second, 6)      # the flood got most of the slots ...
+        self.assert_served(server, "127.0.0.2")          # ... and a newcomer is still served
 
 
 # ---------------------------------------------------------------------------

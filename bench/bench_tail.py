@@ -14,21 +14,14 @@ hand-off between threads, not from any one slow request.
 
 import argparse
 import json
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import authserver  # noqa: E402
-
-SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
+from common import ROOT, SECRET, free_port, mint_token, missing_wrk, wait_for_answer, wrk
 
 TIMED_AUTHSERVER = textwrap.dedent('''
     import json, signal, sys, time
@@ -77,35 +70,6 @@ BARE_SERVER = textwrap.dedent('''
 ''')
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(port):
-    for _ in range(1000):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.01)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def wrk(port, seconds, token):
-    output = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds}s", "--latency",
-         "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}/users/getInfo"],
-        capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-    found = {}
-    for percent in ("50", "99"):
-        value, unit = re.search(percent + r"%\s+([\d.]+)(us|ms|s)\b", output).groups()
-        found[percent] = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-    return rate, found["50"], found["99"]
-
-
 def percentile(values, fraction):
     return sorted(values)[min(len(values) - 1, int(len(values) * fraction))]
 
@@ -114,35 +78,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        print("wrk not installed: skipping (apt-get install wrk)")
+    if missing_wrk():
         return 0
     folder = Path(tempfile.mkdtemp())
     config = folder / "config.json"
     config.write_text(json.dumps({"secret": SECRET}))
-    now = int(time.time())
-    token = authserver.encode_token({"id": 81623, "username": "test", "iat": now,
-                                     "exp": now + 86400}, SECRET)
+    bearer = [f"Authorization: Bearer {mint_token()}"]
 
     port = free_port()
     timed = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c",
                               TIMED_AUTHSERVER.format(root=str(ROOT), config=str(config), port=port)],
                              stdout=subprocess.PIPE, text=True)
-    wait_for(port)
-    rate, p50, p99 = wrk(port, args.seconds, token)
+    wait_for_answer(port)
+    run = wrk(port, "/users/getInfo", 16, args.seconds, bearer)
     timed.terminate()
     inside = json.loads(timed.communicate(timeout=30)[0])
-    print(f"authserver       {rate:8.0f} req/s  client p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+    print(f"authserver       {run['rate']:8.0f} req/s  client p50 {run['p50']:6.2f} ms  "
+          f"p99 {run['p99']:6.2f} ms"
           f"   inside the server: p50 {percentile(inside, 0.5) * 1000:.2f} ms, "
           f"p99 {percentile(inside, 0.99) * 1000:.2f} ms over {len(inside)} requests")
 
     port = free_port()
     bare = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", BARE_SERVER.format(port=port)])
-    wait_for(port)
-    rate, p50, p99 = wrk(port, args.seconds, token)
+    wait_for_answer(port)
+    run = wrk(port, "/users/getInfo", 16, args.seconds, bearer)
     bare.terminate()
     bare.wait()
-    print(f"bare threaded    {rate:8.0f} req/s  client p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+    print(f"bare threaded    {run['rate']:8.0f} req/s  client p50 {run['p50']:6.2f} ms  "
+          f"p99 {run['p99']:6.2f} ms")
     shutil.rmtree(folder, ignore_errors=True)
     return 0
 
