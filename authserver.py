@@ -1111,6 +1111,16 @@ class SessionStoreError(Exception):
 Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at owner")
 
 
+def new_refresh_secret():
+    """32 random bytes for a refresh token, whose base64url text never starts with "-": a
+    command line would take such a token for an option (explain $REFRESH). One draw in 64
+    is drawn again, which leaves 255.98 of the 256 bits."""
+    while True:
+        secret = secrets.token_bytes(REFRESH_TOKEN_BYTES)
+        if secret[0] >> 2 != BASE64URL_ALPHABET.index("-"):
+            return secret
+
+
 def password_fingerprint(password_hash):
     """What a session keeps of the password hash it was started under: 16 bytes of its
     SHA-256. Enough to tell that the hash changed; not the hash, which a copy of the
@@ -1297,7 +1307,7 @@ class SessionStore:
         refresh token). Expired sessions and the user's oldest ones past maxSessionsPerUser
         go in the same transaction."""
         session_id = secrets.token_urlsafe(16)
-        refresh_token = b64url_encode(secrets.token_bytes(REFRESH_TOKEN_BYTES))
+        refresh_token = b64url_encode(new_refresh_secret())
 
         def work():
             ended = [row[0] for row in self.connection.execute(
@@ -1371,7 +1381,7 @@ class SessionStore:
         if expires <= now:
             self.delete([session_id])
             return RefreshTokenError("refresh token expired; log in again")
-        successor = secrets.token_bytes(REFRESH_TOKEN_BYTES)
+        successor = new_refresh_secret()
         successor_token = b64url_encode(successor)
         self.connection.execute(
             "UPDATE sessions SET refresh_hash = ?, previous_hash = ?, sealed_successor = ?, "
@@ -3220,12 +3230,31 @@ def explain_session(claims, config, narrator):
         narrator.check(True, "nothing to revoke it by: it is good until its exp")
         return
     narrator.say(f"   sid {claims['sid']!r}, looked up in {config['sessionsFile']}")
-    try:
-        with contextlib.closing(open_sessions(config)) as sessions:
-            check_session(sessions, claims)
-    except HTTPError as error:
-        raise ConfigError(f"sessions file {config['sessionsFile']}: {error}") from None
+    if not isinstance(claims["sid"], str):
+        raise TokenError("invalid sid value")
+    with sessions_to_read(config) as connection:
+        live = connection is not None and connection.execute(
+            "SELECT 1 FROM sessions WHERE id = ? AND expires > ?",
+            (claims["sid"], time.time())).fetchone()
+    if not live:
+        raise SessionRevokedError("session revoked")
     narrator.check(True, "the session is live: nobody logged it out or revoked it")
+
+
+@contextlib.contextmanager
+def sessions_to_read(config):
+    """A read-only connection to the sessions file (None if there is none): explain looks,
+    and never creates or changes the server's state."""
+    path = sessions_path(config)
+    if not path.exists():
+        yield None
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as connection:
+            yield connection
+    except sqlite3.Error as error:
+        raise ConfigError(f"sessions file {path}: {error}") from None
 
 
 def explain_refresh_token(token, config, narrator):
@@ -3240,21 +3269,16 @@ def explain_refresh_token(token, config, narrator):
     digest = refresh_token_hash(token)
     narrator.say(f"   sha256 {digest.hex()}")
     unknown = RefreshTokenError("refresh token not recognised (revoked or never issued)")
-    path, now = sessions_path(config), time.time()
-    if not path.exists():
-        narrator.say(f"   there is no {config['sessionsFile']} yet: no sessions at all")
-        raise unknown
-    # Read-only: explain looks, and never creates or changes the server's state.
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
-                                                uri=True)) as connection:
-            row = connection.execute("SELECT id, username, expires FROM sessions "
-                                     "WHERE refresh_hash = ?", (digest,)).fetchone()
-            rotated = connection.execute("SELECT rotated_at FROM sessions WHERE previous_hash = ? "
-                                         "AND sealed_successor IS NOT NULL", (digest,)).fetchone()
-            spent = connection.execute("SELECT 1 FROM spent WHERE hash = ?", (digest,)).fetchone()
-    except sqlite3.Error as error:
-        raise ConfigError(f"sessions file {path}: {error}") from None
+    now = time.time()
+    with sessions_to_read(config) as connection:
+        if connection is None:
+            narrator.say(f"   there is no {config['sessionsFile']} yet: no sessions at all")
+            raise unknown
+        row = connection.execute("SELECT id, username, expires FROM sessions "
+                                 "WHERE refresh_hash = ?", (digest,)).fetchone()
+        rotated = connection.execute("SELECT rotated_at FROM sessions WHERE previous_hash = ? "
+                                     "AND sealed_successor IS NOT NULL", (digest,)).fetchone()
+        spent = connection.execute("SELECT 1 FROM spent WHERE hash = ?", (digest,)).fetchone()
     if row is None and rotated is not None and now - rotated[0] < config["refreshGrace"]:
         narrator.check(True, f"spent {now - rotated[0]:.1f}s ago, within the grace "
                              f"(refreshGrace {config['refreshGrace']}s)")

@@ -5534,5 +5534,39 @@ class TestSessionFixesCliOutput(SessionsCase):
         self.assertIn("C1 \\x9b31m red, bidi \u00e2\\x80\u00ae txt.exe", out)
 
 
+
+class TestRefreshTokensOnACommandLine(unittest.TestCase):
+    """A refresh token pasted after `explain` must not read as an option."""
+
+    def test_no_refresh_token_starts_with_a_dash(self):
+        draws = iter([b"\xf8" + bytes(31), b"\x04" + bytes(31)])     # "-..." first, then "B..."
+        with mock.patch.object(authserver.secrets, "token_bytes", lambda n: next(draws)):
+            secret = authserver.new_refresh_secret()
+        self.assertEqual(authserver.b64url_encode(b"\xf8" + bytes(31))[0], "-")
+        self.assertEqual(authserver.b64url_encode(secret)[0], "B")
+
+    def test_explain_takes_a_refresh_token_as_it_is_pasted(self):
+        files = Files(self)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        _, _, body = client.request("POST", "/users/authenticate", login_body())
+        code, out, err = main_in_process("explain", body["refreshToken"], "--config",
+                                         files.config, "--users", files.users)
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertIn("Verdict: valid. POST /users/refresh would renew it", out)
+
+
+    def test_explain_reads_the_sessions_file_and_never_makes_one(self):
+        files = Files(self)
+        token = token_for(sid="a-session-nobody-started", now=time.time())
+        code, out, err = main_in_process("explain", token, "--config", files.config,
+                                         "--users", files.users)
+        self.assertEqual((code, err), (1, ""), out)
+        self.assertIn("FAIL SessionRevokedError: session revoked", out)
+        self.assertEqual(sorted(path.name for path in files.folder.iterdir()),
+                         ["config.json", "users.json"])
+
+
 if __name__ == "__main__":
     unittest.main()
