@@ -695,22 +695,22 @@ def check_users(users, path):
     """Refuse a users list that is not one; name the user and the fix."""
     if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
         raise ConfigError(f"users file {path}: must hold a JSON array of user objects")
-    seen_names, name_by_id = {}, {}             # username_key -> the name with it; id -> name
+    seen_names, name_by_id = set(), {}          # id -> the name with it
     for user in users:
         name, user_id = user.get("username"), user.get("id")
         check_username(name, f"users file {path}")
         if type(user_id) not in (int, str):
             raise ConfigError(f"users file {path}: user {name!r} needs an id (number or text)")
-        same = seen_names.get(username_key(name))
-        if same == name:
+        # Only the same name twice is refused here. Two names in another case or width
+        # ("test", "Test") are refused to a NEW name (refuse_taken), but a file that already
+        # holds both, from an older version or a hand edit, must still load: refusing it
+        # would keep every later change, a passwd included, from reaching the server.
+        if name in seen_names:
             raise ConfigError(f"users file {path}: the username {name!r} appears twice")
-        if same is not None:
-            raise ConfigError(f"users file {path}: users {same!r} and {name!r} are one name "
-                              f"in another case or width; rename one")
         if user_id in name_by_id:
             raise ConfigError(f"users file {path}: the id {user_id!r} is used by both "
                               f"{name_by_id[user_id]!r} and {name!r}")
-        seen_names[username_key(name)] = name
+        seen_names.add(name)
         name_by_id[user_id] = name
         if "password" in user:
             raise ConfigError(
@@ -756,6 +756,7 @@ def update_users_file(path, change):
         remove_stale_temporaries(path)
         users = read_users_list(path)
         result = change(users)
+        check_users(users, path)        # never write a file the server would refuse to load
         save_users(path, users)
     return result
 
@@ -1133,6 +1134,16 @@ def session_owner(record):
     return json.dumps(record["id"]), password_fingerprint(record["passwordHash"])
 
 
+def owner_refusal(user, owner):
+    """Why a session recorded for owner can no longer renew for user (a User, or None if
+    users.json has no such name): a RefreshTokenError, or None if it still can."""
+    if user is None or session_owner(user.record)[0] != owner[0]:
+        return RefreshTokenError("user not found")
+    if session_owner(user.record) != tuple(owner):
+        return RefreshTokenError("password changed; log in again")
+    return None
+
+
 def refresh_token_hash(token):
     """What the file keeps instead of the token: its SHA-256."""
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -1168,6 +1179,7 @@ class SessionStore:
     # waiting longer would only pile up clients and threads behind it. They get a 503
     # with Retry-After instead, each within about two seconds.
     BUSY_SECONDS = 1.0
+    CHANGE_CHECK_WAIT = 0.1         # pick_up_changes: long enough to get past one transaction
 
     def __init__(self, path, refresh_lifetime, max_per_user, grace, log=lambda message: None,
                  key=None):
@@ -1260,12 +1272,14 @@ class SessionStore:
     def pick_up_changes(self):
         """At most once a second, reload the live ids if another process changed the file.
 
-        PRAGMA data_version changes when another connection commits, and only then. While
-        a transaction holds the lock (one that may be waiting for another process), the
-        look is put off to the next request: a getInfo never waits behind a login.
+        PRAGMA data_version changes when another connection commits, and only then. A
+        transaction holds the lock for milliseconds, so the look waits up to a tenth of a
+        second for it (under a stream of logins or logouts, never waiting would put the
+        look off again and again); one held longer is waiting for another process, and
+        the look is put off to the next request: a getInfo never waits behind it.
         """
         now = time.monotonic()
-        if now < self.next_check or not self.lock.acquire(blocking=False):
+        if now < self.next_check or not self.lock.acquire(timeout=self.CHANGE_CHECK_WAIT):
             return
         try:
             self.next_check = now + self.RECHECK_SECONDS
@@ -1844,14 +1858,12 @@ def session_user(server, renewal):
     """The User of a session, if users.json still has them as the session began (same id,
     same password); if not, the session ends now and RefreshTokenError says why."""
     user = server.users.find_by_name(renewal.username)[0]
-    owner = session_owner(user.record) if user is not None else (None, None)
-    if user is not None and owner == renewal.owner:
+    refusal = owner_refusal(user, renewal.owner)
+    if refusal is None:
         return user
     with session_errors(server.sessions):
         server.sessions.end_for_user(renewal.username, renewal.session_id)
-    if user is None or owner[0] != renewal.owner[0]:
-        raise RefreshTokenError("user not found")
-    raise RefreshTokenError("password changed; log in again")
+    raise refusal
 
 
 def refresh_refused(error):
@@ -2980,7 +2992,7 @@ def read_new_password(stdin=None):
 
 def add_user(args):
     """python authserver.py adduser NAME: a new user with a hashed password."""
-    username = unicodedata.normalize("NFC", args.username)     # one spelling per name
+    username = args.username                                    # in NFC: username_argument
     check_username(username, "adduser")
     path = args.users
     refuse_taken(read_users_list(path), username, path)         # say so before the prompt
@@ -3257,7 +3269,7 @@ def sessions_to_read(config):
         raise ConfigError(f"sessions file {path}: {error}") from None
 
 
-def explain_refresh_token(token, config, narrator):
+def explain_refresh_token(token, config, users, narrator):
     """What a refresh token is, and whether this server's database knows it."""
     narrator.step(1, "This is a refresh token, not a JWT")
     narrator.say("   43 base64url characters = 32 random bytes from secrets. No header, no")
@@ -3274,8 +3286,8 @@ def explain_refresh_token(token, config, narrator):
         if connection is None:
             narrator.say(f"   there is no {config['sessionsFile']} yet: no sessions at all")
             raise unknown
-        row = connection.execute("SELECT id, username, expires FROM sessions "
-                                 "WHERE refresh_hash = ?", (digest,)).fetchone()
+        row = connection.execute("SELECT id, username, expires, user_id, fingerprint "
+                                 "FROM sessions WHERE refresh_hash = ?", (digest,)).fetchone()
         rotated = connection.execute("SELECT rotated_at FROM sessions WHERE previous_hash = ? "
                                      "AND sealed_successor IS NOT NULL", (digest,)).fetchone()
         spent = connection.execute("SELECT 1 FROM spent WHERE hash = ?", (digest,)).fetchone()
@@ -3289,6 +3301,9 @@ def explain_refresh_token(token, config, narrator):
                                       "its session") if spent else unknown)
     if row[2] <= now:
         raise RefreshTokenError("refresh token expired; log in again")
+    refusal = owner_refusal(users.find_by_name(row[1])[0], row[3:5])
+    if refusal is not None:             # the server ends such a session when it sees it
+        raise refusal
     narrator.check(True, f"the current refresh token of session {row[0]!r}, user {row[1]!r}; "
                          f"{describe_time('expires', int(row[2]), now)}")
     return "Verdict: valid. POST /users/refresh would renew it (and spend it)."
@@ -3420,7 +3435,7 @@ def explain(args):
         narrator.say(note)
     if REFRESH_TOKEN_SHAPE.fullmatch(token):
         try:
-            verdict = explain_refresh_token(token, config, narrator)
+            verdict = explain_refresh_token(token, config, users, narrator)
         except RefreshTokenError as error:
             narrator.check(False, f"{error.name}: {error}")
             narrator.say()
@@ -3451,6 +3466,11 @@ def explain(args):
 # 13. Main: the command line's parser, and main()
 # ---------------------------------------------------------------------------
 
+def username_argument(text):
+    """A username as typed, in NFC: "café" typed on macOS (e + U+0301) names the same user."""
+    return unicodedata.normalize("NFC", text)
+
+
 def build_parser():
     """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""
     parser = argparse.ArgumentParser(
@@ -3479,7 +3499,7 @@ def build_parser():
         "on a terminal (not shown as you type), or reads one line from stdin when one is "
         "piped in: echo 'pw' | python authserver.py adduser NAME. The password is stored "
         "hashed (PBKDF2)."))
-    adduser.add_argument("username")
+    adduser.add_argument("username", type=username_argument)
     adduser.add_argument("--first-name")
     adduser.add_argument("--last-name")
     adduser.add_argument("--phone")
@@ -3490,7 +3510,7 @@ def build_parser():
         "Set a user's password (every other field is kept) and revoke the user's sessions. "
         "It asks for the password twice on a terminal (not shown as you type), or reads one "
         "line from stdin when one is piped in."))
-    passwd.add_argument("username")
+    passwd.add_argument("username", type=username_argument)
     passwd.set_defaults(action=change_password)
 
     sessions = commands.add_parser("sessions", parents=[files], help="list a user's sessions",
@@ -3498,7 +3518,7 @@ def build_parser():
         "List a user's live sessions, one per login not yet logged out, revoked or expired: "
         "its id (for revoke), when it was created and last used, when it expires, and the "
         "address and browser it came from."))
-    sessions.add_argument("username")
+    sessions.add_argument("username", type=username_argument)
     sessions.set_defaults(action=list_sessions_command)
 
     revoke = commands.add_parser("revoke", parents=[files],
@@ -3507,7 +3527,7 @@ def build_parser():
         "End all of a user's sessions, or the one given: their refresh tokens are refused at "
         "once, and their access tokens within a second, by a running server too. Tokens from "
         "the token command have no session, and are not affected."))
-    revoke.add_argument("username")
+    revoke.add_argument("username", type=username_argument)
     revoke.add_argument("session", nargs="?", help="a session id from the sessions command")
     revoke.set_defaults(action=revoke_command)
 
@@ -3516,7 +3536,7 @@ def build_parser():
         "Print an access token for a user, signed as a login's, without the password: for "
         "curl and for explain. It belongs to no session (no sid claim), so it cannot be "
         "revoked, by logout, revoke or passwd: it is good until its exp (tokenLifetime)."))
-    token.add_argument("username")
+    token.add_argument("username", type=username_argument)
     token.set_defaults(action=issue_token)
 
     explain_command = commands.add_parser("explain", parents=[files],

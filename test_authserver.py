@@ -1471,6 +1471,7 @@ class TestUsersFileWriters(unittest.TestCase):
         users = [{"id": 10000 + number, "username": f"u{number}"} for number in range(90000)]
         added = []
         with mock.patch.object(authserver, "read_users_list", return_value=users), \
+                mock.patch.object(authserver, "check_users"), \
                 mock.patch.object(authserver, "save_users"):
             # In a thread: drawing only five-digit ids would look for a free one for ever.
             worker = threading.Thread(target=lambda: added.append(
@@ -4909,17 +4910,41 @@ class TestNameFixesUsernames(unittest.TestCase):
                 self.assertEqual((status, json.loads(data)),
                                  (400, {"message": "Username or password is incorrect"}))
 
-    def test_the_users_file_may_not_hold_one_name_twice(self):
+    def test_a_file_that_holds_one_name_twice_loads_and_takes_no_third(self):
+        """Case or width twins already in users.json (an older version's adduser, a hand
+        edit) still load, so passwd keeps reaching the server; no new twin gets in."""
         for first, second in (("alice", "ALICE"), ("alice", "ａｌｉｃｅ"), ("straße", "STRASSE"),
                               ("café", "CAFÉ")):
             with self.subTest(first=first, second=second):
-                files = Files(self, users=[make_user(1, first, "pw"), make_user(2, second, "pw")])
-                with self.assertRaises(authserver.ConfigError) as caught:
-                    authserver.UserStore(files.users)
-                self.assertTrue(str(caught.exception).startswith(f"users file {files.users}: "))
+                files = Files(self, users=[make_user(1, first, "pw"), make_user(2, second, "pw")],
+                              passwordIterations=FAST_ITERATIONS)
+                store = authserver.UserStore(files.users)
+                self.assertEqual(sorted(store.tables.by_name), sorted([first, second]))
+                code, _, stderr = main_quietly("adduser", first.title(), "--config", files.config,
+                                               "--users", files.users, stdin="a passphrase\n")
+                self.assertEqual(code, 2, stderr)
+                code, _, stderr = main_quietly("passwd", first, "--config", files.config,
+                                               "--users", files.users, stdin="a passphrase\n")
+                self.assertEqual(code, 0, stderr)
+                authserver.UserStore(files.users)                    # and it still loads
         files = Files(self, users=[make_user(1, "cafe\u0301", "pw")])            # NFD on disk
         with self.assertRaises(authserver.ConfigError):
             authserver.UserStore(files.users)
+
+    def test_no_writer_writes_a_file_the_server_would_refuse(self):
+        files = Files(self)
+        before = files.users.read_bytes()
+        with self.assertRaises(authserver.ConfigError):
+            authserver.update_users_file(files.users, lambda users: users.append(dict(users[0])))
+        self.assertEqual(files.users.read_bytes(), before)
+
+    def test_passwd_revoke_and_sessions_take_the_name_as_typed_on_macos(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)          # holds "café" (NFC)
+        for command, stdin in (("passwd", "a passphrase\n"), ("sessions", ""), ("revoke", "")):
+            with self.subTest(command=command):
+                code, _, stderr = main_quietly(command, "cafe\u0301", "--config", files.config,
+                                               "--users", files.users, stdin=stdin)
+                self.assertEqual((code, stderr.count("no user")), (0, 0), stderr)
 
     def test_adduser_normalises_and_refuses_the_same_name(self):
         files = Files(self, passwordIterations=FAST_ITERATIONS)
@@ -5556,6 +5581,23 @@ class TestRefreshTokensOnACommandLine(unittest.TestCase):
         self.assertEqual((code, err), (0, ""), out)
         self.assertIn("Verdict: valid. POST /users/refresh would renew it", out)
 
+
+    def test_explain_agrees_with_the_server_on_a_changed_password(self):
+        files = Files(self)
+        server = start_server(self, files)
+        client = Client(server)
+        self.addCleanup(client.close)
+        _, _, body = client.request("POST", "/users/authenticate", login_body())
+        # A copy with the password changed, which the running server does not read (it
+        # would end the session itself on its next look at its own file).
+        changed = [dict(user) for user in TEST_USERS]
+        changed[0]["passwordHash"] = hash_password("changed by hand", FAST_ITERATIONS)
+        edited = files.folder / "edited-users.json"
+        authserver.save_users(edited, changed)
+        code, out, _ = main_in_process("explain", body["refreshToken"], "--config",
+                                       files.config, "--users", edited)
+        self.assertEqual(code, 1, out)
+        self.assertIn("password changed; log in again", out)
 
     def test_explain_reads_the_sessions_file_and_never_makes_one(self):
         files = Files(self)
