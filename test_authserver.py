@@ -18,6 +18,7 @@ if sys.version_info < (3, 9):
 
 import ast
 import base64
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -942,7 +943,7 @@ class TestConnections(unittest.TestCase):
             self.assertTrue(handled.wait(10))
         self.assertIn("ConnectionResetError", server.test_log.getvalue())
         # raw_exchange's own connection is unwatched just after its answer was read.
-        self.assertTrue(wait_until(lambda: server.deadlines == {}), server.deadlines)
+        self.assertTrue(poll_until(lambda: server.deadlines == {}), server.deadlines)
 
     def test_listen_backlog(self):
         self.assertGreaterEqual(authserver.AuthServer.request_queue_size, 128)
@@ -3354,10 +3355,16 @@ def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 
 
-def main_in_process(*args):
-    """authserver.main(args) here, not in a subprocess: (exit code, stdout, stderr)."""
+def main_in_process(*args, stdin=None):
+    """authserver.main(args) here, not in a subprocess: (exit code, stdout, stderr).
+
+    stdin: text for it to read (else whatever sys.stdin is, perhaps patched by the test)."""
     out, err = io.StringIO(), io.StringIO()
-    with mock.patch("sys.stdout", out), mock.patch("sys.stderr", err):
+    with contextlib.ExitStack() as patches:
+        if stdin is not None:
+            patches.enter_context(mock.patch("sys.stdin", io.StringIO(stdin)))
+        patches.enter_context(mock.patch("sys.stdout", out))
+        patches.enter_context(mock.patch("sys.stderr", err))
         code = authserver.main([str(arg) for arg in args])
     return code, out.getvalue(), err.getvalue()
 
@@ -3767,14 +3774,6 @@ class TestSessionsStorage(SessionsCase):
 # Connections within caps: 503 beyond them, accept errors, threads, slow readers
 # ---------------------------------------------------------------------------
 
-def wait_until(predicate, seconds=10):
-    """Poll predicate until it holds or seconds pass; its last value."""
-    deadline = time.monotonic() + seconds
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
-
-
 def connect_from(server, source="127.0.0.1"):
     """A connection to server from a loopback address of our choice."""
     return socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10,
@@ -3822,11 +3821,11 @@ class TestConnsCaps(unittest.TestCase):
         for _ in range(count):
             before = self.server.connections.total
             self.held.append(connect_from(self.server, source))
-            self.assertTrue(wait_until(lambda: self.server.connections.total == before + 1))
+            self.assertTrue(poll_until(lambda: self.server.connections.total == before + 1))
 
     def assert_all_released(self):
         connections = self.server.connections
-        self.assertTrue(wait_until(lambda: connections.total == 0), connections.total)
+        self.assertTrue(poll_until(lambda: connections.total == 0), connections.total)
         self.assertEqual(connections.per_address, {})
 
     def tearDown(self):
@@ -3880,12 +3879,12 @@ class TestConnsCaps(unittest.TestCase):
             connect_from(self.server, "127.0.0.4").close()
         except OSError as error:
             self.skipTest(f"cannot send from 127.0.0.2 to 127.0.0.4 here: {error}")
-        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.assertTrue(poll_until(lambda: self.server.connections.total == 0))
         self.hold(4, "127.0.0.1")
         with connect_from(self.server, "127.0.0.2") as neighbour:
             neighbour.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
             self.assertEqual(read_response(neighbour)[0], 200)
-        self.assertTrue(wait_until(lambda: self.server.connections.total == 4))
+        self.assertTrue(poll_until(lambda: self.server.connections.total == 4))
         self.hold(3, "127.0.0.2")               # now 7: the last slot is kept for a newcomer
         with connect_from(self.server, "127.0.0.2") as fourth:
             self.assert_503(fourth, "Too many connections from your address; try again in a moment")
@@ -3963,7 +3962,7 @@ class TestConnsExhaustion(unittest.TestCase):
                     self.assertEqual(sock.recv(10), b"")
                 except ConnectionResetError:
                     pass
-            self.assertTrue(wait_until(lambda: "can't start" in server.test_log.getvalue()))
+            self.assertTrue(poll_until(lambda: "can't start" in server.test_log.getvalue()))
         log = server.test_log.getvalue()
         self.assertEqual(log.strip().splitlines(),
                          [log.strip().split(" ", 1)[0] +
@@ -4016,7 +4015,7 @@ class TestConnsExhaustion(unittest.TestCase):
         for _ in range(20):
             raw_exchange(server, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
         self.assertNotIn("_threads", vars(server))        # ThreadingMixIn's list: not made
-        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        self.assertTrue(poll_until(lambda: server.connections.total == 0))
 
 
 class TestConnsSlowReaders(unittest.TestCase):
@@ -4029,8 +4028,8 @@ class TestConnsSlowReaders(unittest.TestCase):
         sock.settimeout(10)
         sock.connect(("127.0.0.1", server.server_address[1]))
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 600)                # ~5 MB of answers, never read
-        self.assertTrue(wait_until(lambda: server.connections.total == 0))
-        self.assertTrue(wait_until(
+        self.assertTrue(poll_until(lambda: server.connections.total == 0))
+        self.assertTrue(poll_until(
             lambda: "connection ended: ClientGone: response not taken in time"
                     in server.test_log.getvalue()))
         self.assertEqual(server.deadlines, {})
@@ -4083,7 +4082,7 @@ class TestConnsSlowReaders(unittest.TestCase):
         server = start_server(self, requestTimeout=0.5)
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
             self.assertEqual(sock.recv(10), b"")               # cut off by the watchman
-        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        self.assertTrue(poll_until(lambda: server.connections.total == 0))
 
 
 class TestConnsTLS(unittest.TestCase):
@@ -4142,20 +4141,20 @@ class TestConnsTLS(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 with self.assertRaises(ssl.SSLError):
                     distrusting.wrap_socket(sock, server_hostname="localhost")
-        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.assertTrue(poll_until(lambda: self.server.connections.total == 0))
         self.assert_https_works()
 
     def test_beyond_the_cap_an_https_connection_is_closed_without_a_word(self):
         port = self.server.server_address[1]
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         try:
-            self.assertTrue(wait_until(lambda: self.server.connections.total == 2))
+            self.assertTrue(poll_until(lambda: self.server.connections.total == 2))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
                 self.assertEqual(third.recv(10), b"")
         finally:
             for sock in held:
                 sock.close()
-        self.assertTrue(wait_until(lambda: self.server.connections.total == 0))
+        self.assertTrue(poll_until(lambda: self.server.connections.total == 0))
 
 
 class TestConnsUsersFile(unittest.TestCase):
@@ -4164,7 +4163,7 @@ class TestConnsUsersFile(unittest.TestCase):
         files = Files(self)
         server = start_server(self, files)
         authserver.save_users(files.users, TEST_USERS[:1])          # no request after this
-        self.assertTrue(wait_until(
+        self.assertTrue(poll_until(
             lambda: "users file reloaded: 1 users" in server.test_log.getvalue()),
             server.test_log.getvalue())
         self.assertEqual(list(server.users.tables.by_name), ["test"])
@@ -4173,7 +4172,7 @@ class TestConnsUsersFile(unittest.TestCase):
         files = Files(self)
         server = start_server(self, files)
         files.users.write_text("[{\"id\": 1}]")
-        self.assertTrue(wait_until(
+        self.assertTrue(poll_until(
             lambda: "users file not reloaded" in server.test_log.getvalue()))
         self.assertEqual(len(server.users.tables.by_name), 3)
 
@@ -4816,15 +4815,6 @@ class TestCliFixesOldPython(unittest.TestCase):
 # connection shares
 # ---------------------------------------------------------------------------
 
-def main_quietly(*args, stdin=""):
-    """authserver.main(args) in this process: (exit code, stdout, stderr)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("sys.stdout", stdout), \
-            mock.patch("sys.stderr", stderr):
-        code = authserver.main([str(arg) for arg in args])
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
 def registration(server, body):
     """POST /users/register: (status, parsed JSON body)."""
     status, _, data = exchange(server, "POST", "/users/register", body)
@@ -4920,10 +4910,10 @@ class TestNameFixesUsernames(unittest.TestCase):
                               passwordIterations=FAST_ITERATIONS)
                 store = authserver.UserStore(files.users)
                 self.assertEqual(sorted(store.tables.by_name), sorted([first, second]))
-                code, _, stderr = main_quietly("adduser", first.title(), "--config", files.config,
+                code, _, stderr = main_in_process("adduser", first.title(), "--config", files.config,
                                                "--users", files.users, stdin="a passphrase\n")
                 self.assertEqual(code, 2, stderr)
-                code, _, stderr = main_quietly("passwd", first, "--config", files.config,
+                code, _, stderr = main_in_process("passwd", first, "--config", files.config,
                                                "--users", files.users, stdin="a passphrase\n")
                 self.assertEqual(code, 0, stderr)
                 authserver.UserStore(files.users)                    # and it still loads
@@ -4942,7 +4932,7 @@ class TestNameFixesUsernames(unittest.TestCase):
         files = Files(self, passwordIterations=FAST_ITERATIONS)          # holds "café" (NFC)
         for command, stdin in (("passwd", "a passphrase\n"), ("sessions", ""), ("revoke", "")):
             with self.subTest(command=command):
-                code, _, stderr = main_quietly(command, "cafe\u0301", "--config", files.config,
+                code, _, stderr = main_in_process(command, "cafe\u0301", "--config", files.config,
                                                "--users", files.users, stdin=stdin)
                 self.assertEqual((code, stderr.count("no user")), (0, 0), stderr)
 
@@ -4951,13 +4941,13 @@ class TestNameFixesUsernames(unittest.TestCase):
         for name in ("Test", "ＴＥＳＴ", "cafe\u0301", "test\u034f", "test\u3164", "test\u2800"):
             with self.subTest(name=name):
                 before = files.users.read_bytes()
-                code, _, stderr = main_quietly("adduser", name, "--config", files.config,
+                code, _, stderr = main_in_process("adduser", name, "--config", files.config,
                                                "--users", files.users, stdin="a passphrase\n")
                 self.assertEqual(code, 2, stderr)
                 self.assertTrue(stderr.startswith("authserver: "), stderr)
                 self.assertEqual(stderr.count("\n"), 1, stderr)
                 self.assertEqual(files.users.read_bytes(), before)
-        code, _, stderr = main_quietly("adduser", "noe\u0308l", "--config", files.config,
+        code, _, stderr = main_in_process("adduser", "noe\u0308l", "--config", files.config,
                                        "--users", files.users, stdin="a passphrase\n")
         self.assertEqual(code, 0, stderr)
         self.assertIn("no\u00ebl", self.names(files))
@@ -5024,7 +5014,7 @@ class TestNameFixesMaxUsers(unittest.TestCase):
         self.assertEqual(registration(server, signup_body("fifth")), (403, self.FULL))
         self.assertEqual(files.users.read_bytes(), before)
         # The administrator is not bound by it: adduser still adds.
-        code, _, stderr = main_quietly("adduser", "staff", "--config", files.config,
+        code, _, stderr = main_in_process("adduser", "staff", "--config", files.config,
                                        "--users", files.users, stdin="a passphrase\n")
         self.assertEqual(code, 0, stderr)
         document = json.loads(exchange(server, "GET", "/openapi.json")[2])
@@ -5151,7 +5141,7 @@ class TestNameFixesConnectionShares(unittest.TestCase):
     def test_two_flooding_addresses_leave_room_for_a_third(self):
         server = start_server(self, maxConnections=10, maxConnectionsPerAddress=5)
         self.skip_unless_sources(server, "127.0.0.2", "127.0.0.3")
-        self.assertTrue(wait_until(lambda: server.connections.total == 0))
+        self.assertTrue(poll_until(lambda: server.connections.total == 0))
         first = self.hold_all(server, "127.0.0.1")
         second = self.hold_all(server, "127.0.0.3")
         self.assertGreaterEqual(first + second, 6)      # the flood got most of the slots ...
