@@ -295,13 +295,18 @@ def unlock_file(handle):
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 
+def temporaries_of(path):
+    """The temporary copies write_file_atomically makes beside path (".users.json.XXXX")."""
+    path = Path(path)
+    return list(path.parent.glob(f".{glob.escape(path.name)}.*"))
+
+
 def remove_stale_temporaries(path):
     """Delete the temporary copies a writer killed before its rename left beside path.
 
     Call it only with file_lock(path) held: then no live writer is halfway through one.
     """
-    path = Path(path)
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+    for leftover in temporaries_of(path):
         leftover.unlink(missing_ok=True)
 
 
@@ -2842,8 +2847,9 @@ def make_server(config_path=None, users_path=None, host=None, port=None,
     key = load_secret(config)
     users = UserStore(users_path or USERS_FILE)
     try:
-        with file_lock(users.path):
-            remove_stale_temporaries(users.path)    # left by a writer that was killed
+        if temporaries_of(users.path):          # left by a writer that was killed: the lock
+            with file_lock(users.path):         # tells them from a live writer's
+                remove_stale_temporaries(users.path)
     except OSError:
         pass                # a read-only folder: then nobody can have left anything there
     sessions = open_sessions(config, key)
