@@ -1482,6 +1482,11 @@ class TestUsersFileWriters(unittest.TestCase):
         self.assertEqual(len(added), 1, "no free id found")
         self.assertNotIn(added[0]["id"], range(10000, 100000))
 
+    def test_a_server_that_only_reads_makes_no_lock_file(self):
+        files = Files(self)
+        start_server(self, files)
+        self.assertNotIn("users.json.lock", [path.name for path in files.folder.iterdir()])
+
     def test_two_servers_started_together_share_one_secret(self):
         files = Files(self, secret="")
         barrier = threading.Barrier(8)
