@@ -8,8 +8,8 @@ What it runs, all on 127.0.0.1 (the servers pinned to CPU 0, wrk to CPU 1 with t
   login's token, whose session is checked too;
 - the same with "Connection: close" on every request (a new connection each time);
 - POST /users/authenticate with 1 and then 2 clients (authserver only, not pinned:
-  the password hash should use both cores); POST /users/refresh beside a login is
-  bench_cost.py's;
+  the password hash should use both cores); then POST /users/refresh beside a login,
+  one client each (bench_cost.py's login_and_refresh, the same measure);
 - idle memory (RSS) and the time from start to first answer.
 Rounds are interleaved (every server once per round); figures are medians of the rounds.
 A peer that is not installed is skipped with a line saying why (see bench/README.md):
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import (LOGIN, LOGIN_SCRIPT, http_post, median_of, missing_wrk, start_authserver,
                     start_peers, wrk)
+from bench_cost import login_and_refresh
 
 
 def main():
@@ -60,6 +61,7 @@ def main():
         for server in servers:
             server.stop()
     login_scaling(folder, args)
+    login_and_refresh(folder, args)
     shutil.rmtree(folder, ignore_errors=True)
     return 0
 
