@@ -1090,6 +1090,7 @@ CREATE INDEX IF NOT EXISTS spent_by_session ON spent (session_id);
 """
 SPENT_KEPT = 32                # spent hashes remembered per session; older ones are "unknown"
 REFRESH_TOKEN_BYTES = 32
+SESSION_ID_BYTES = 16          # the access token's "sid": 22 base64url characters
 REFRESH_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")      # 32 bytes in base64url
 
 
@@ -1117,14 +1118,14 @@ class SessionStoreError(Exception):
 Renewal = namedtuple("Renewal", "session_id username refresh_token issued_at owner")
 
 
-def new_refresh_secret():
-    """32 random bytes for a refresh token, whose base64url text never starts with "-": a
-    command line would take such a token for an option (explain $REFRESH). One draw in 64
-    is drawn again, which leaves 255.98 of the 256 bits."""
+def random_for_command_lines(size):
+    """size random bytes whose base64url text never starts with "-": a command line would
+    take such a text for an option (explain $REFRESH, revoke alice $SESSION). One draw in
+    64 is drawn again, which leaves all but 0.02 of the bits."""
     while True:
-        secret = secrets.token_bytes(REFRESH_TOKEN_BYTES)
-        if secret[0] >> 2 != BASE64URL_ALPHABET.index("-"):
-            return secret
+        data = secrets.token_bytes(size)
+        if data[0] >> 2 != BASE64URL_ALPHABET.index("-"):
+            return data
 
 
 def password_fingerprint(password_hash):
@@ -1325,8 +1326,8 @@ class SessionStore:
         """A new session for owner (session_owner of the user's record): (its id, its first
         refresh token). Expired sessions and the user's oldest ones past maxSessionsPerUser
         go in the same transaction."""
-        session_id = secrets.token_urlsafe(16)
-        refresh_token = b64url_encode(new_refresh_secret())
+        session_id = b64url_encode(random_for_command_lines(SESSION_ID_BYTES))
+        refresh_token = b64url_encode(random_for_command_lines(REFRESH_TOKEN_BYTES))
 
         def work():
             ended = [row[0] for row in self.connection.execute(
@@ -1400,7 +1401,7 @@ class SessionStore:
         if expires <= now:
             self.delete([session_id])
             return RefreshTokenError("refresh token expired; log in again")
-        successor = new_refresh_secret()
+        successor = random_for_command_lines(REFRESH_TOKEN_BYTES)
         successor_token = b64url_encode(successor)
         self.connection.execute(
             "UPDATE sessions SET refresh_hash = ?, previous_hash = ?, sealed_successor = ?, "

@@ -5558,12 +5558,21 @@ class TestSessionFixesCliOutput(SessionsCase):
 class TestRefreshTokensOnACommandLine(unittest.TestCase):
     """A refresh token pasted after `explain` must not read as an option."""
 
-    def test_no_refresh_token_starts_with_a_dash(self):
-        draws = iter([b"\xf8" + bytes(31), b"\x04" + bytes(31)])     # "-..." first, then "B..."
+    def test_no_refresh_token_or_session_id_starts_with_a_dash(self):
+        for size in (authserver.REFRESH_TOKEN_BYTES, authserver.SESSION_ID_BYTES):
+            draws = iter([b"\xf8" + bytes(size - 1), b"\x04" + bytes(size - 1)])  # "-…", "B…"
+            with mock.patch.object(authserver.secrets, "token_bytes", lambda n: next(draws)):
+                data = authserver.random_for_command_lines(size)
+            self.assertEqual(authserver.b64url_encode(b"\xf8" + bytes(size - 1))[0], "-")
+            self.assertEqual(authserver.b64url_encode(data)[0], "B")
+        files = Files(self)
+        sessions = authserver.open_sessions(authserver.load_config(files.config), b"k" * 32)
+        self.addCleanup(sessions.close)
+        draws = iter([b"\xf8" + bytes(15), b"\x04" + bytes(15), b"\xf8" + bytes(31),
+                      b"\x08" + bytes(31)])
         with mock.patch.object(authserver.secrets, "token_bytes", lambda n: next(draws)):
-            secret = authserver.new_refresh_secret()
-        self.assertEqual(authserver.b64url_encode(b"\xf8" + bytes(31))[0], "-")
-        self.assertEqual(authserver.b64url_encode(secret)[0], "B")
+            session_id, refresh_token = sessions.start("test", time.time())
+        self.assertEqual((session_id[0], refresh_token[0]), ("B", "C"))
 
     def test_explain_takes_a_refresh_token_as_it_is_pasted(self):
         files = Files(self)
