@@ -953,7 +953,7 @@ class UserStore:
     def count(self):
         """How many users the file held when last read."""
         self.refresh()
-        return len(self.tables[0])
+        return len(self.tables.by_name)
 
     def has_name_like(self, username):
         """Is username, or the same name in another case or width (username_key), taken?"""
@@ -970,10 +970,21 @@ class UserStore:
         return user
 
 
+def password_fingerprint(password_hash):
+    """What a session keeps of the password hash it was started under: 16 bytes of its
+    SHA-256. Enough to tell that the hash changed; not the hash, which a copy of the
+    sessions file would otherwise hand to an offline password guesser."""
+    return hashlib.sha256(password_hash.encode("utf-8")).digest()[:16]
+
+
+def session_owner(record):
+    """(the user's id as JSON, the password's fingerprint): whom a session is for."""
+    return json.dumps(record["id"]), password_fingerprint(record["passwordHash"])
+
+
 def changed_user(before, after):
     """Is this another user now, or the same with another password? Then its sessions end."""
-    return (json.dumps(before.record["id"]), before.record["passwordHash"]) != \
-        (json.dumps(after.record["id"]), after.record["passwordHash"])
+    return session_owner(before.record) != session_owner(after.record)
 
 
 class LoginLimiter:
@@ -1126,18 +1137,6 @@ def random_for_command_lines(size):
         data = secrets.token_bytes(size)
         if data[0] >> 2 != BASE64URL_ALPHABET.index("-"):
             return data
-
-
-def password_fingerprint(password_hash):
-    """What a session keeps of the password hash it was started under: 16 bytes of its
-    SHA-256. Enough to tell that the hash changed; not the hash, which a copy of the
-    sessions file would otherwise hand to an offline password guesser."""
-    return hashlib.sha256(password_hash.encode("utf-8")).digest()[:16]
-
-
-def session_owner(record):
-    """(the user's id as JSON, the password's fingerprint): whom a session is for."""
-    return json.dumps(record["id"]), password_fingerprint(record["passwordHash"])
 
 
 def owner_refusal(user, owner):
@@ -1518,20 +1517,16 @@ def named_error(status, name, message, headers=()):
 
 def token_refused(error):
     """401 for a token that failed verification, in the tutorial's shape and RFC 6750's."""
-    description = error.args[0].replace('"', "'")
-    return HTTPError(401, str(error),
-                     body={"error": True, "name": error.name, "message": str(error)},
-                     headers=(("WWW-Authenticate",
-                               f'Bearer error="invalid_token", error_description="{description}"'),))
+    description = str(error).replace('"', "'")
+    return named_error(401, error.name, str(error), headers=(
+        ("WWW-Authenticate", f'Bearer error="invalid_token", error_description="{description}"'),))
 
 
 def sessions_unavailable(sessions, error):
     """503 when the sessions file fails: no token is issued, no revocation claimed."""
     sessions.log(f"sessions file {sessions.path}: {error}")
     message = "Sessions are unavailable right now; try again shortly"
-    return HTTPError(503, message,
-                     body={"error": True, "name": "SessionStoreError", "message": message},
-                     headers=(("Retry-After", "5"),))
+    return named_error(503, "SessionStoreError", message, headers=(("Retry-After", "5"),))
 
 
 # Sent on every response, errors included: "*" is what the cors package sends by default,
@@ -1874,8 +1869,7 @@ def session_user(server, renewal):
 
 def refresh_refused(error):
     """401 for a refresh token that renews nothing, in the tutorial's error shape."""
-    return HTTPError(401, str(error), body={"error": True, "name": error.name,
-                                            "message": str(error)})
+    return named_error(401, error.name, str(error))
 
 
 def refresh(request):
@@ -2536,7 +2530,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# 10. The server: connections, limits, slow clients, stopping
+# 10. The server: connections, caps, slow clients, stopping
 # ---------------------------------------------------------------------------
 
 class InFlight:
@@ -3429,6 +3423,13 @@ def read_token(args):
     return text.strip()
 
 
+def say_refused(narrator, what, error):
+    """The verdict on a refused token: the 401 body exactly as the server sends it; exit 1."""
+    body = named_error(401, error.name, str(error)).response.body
+    narrator.say(narrator.paint(f"Verdict: {what} 401 {json_bytes(body).decode()}", "fail"))
+    return 1
+
+
 def explain(args):
     """python authserver.py explain TOKEN: verification step by step; exit 0 if valid."""
     token = read_token(args)
@@ -3446,10 +3447,7 @@ def explain(args):
         except RefreshTokenError as error:
             narrator.check(False, f"{error.name}: {error}")
             narrator.say()
-            narrator.say(narrator.paint(
-                f"Verdict: POST /users/refresh answers 401 "
-                f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
-            return 1
+            return say_refused(narrator, "POST /users/refresh answers", error)
         narrator.say()
         narrator.say(narrator.paint(verdict, "ok"))
         return 0
@@ -3460,10 +3458,7 @@ def explain(args):
         for line in narrator.after_failure:
             narrator.say(line)
         narrator.say()
-        narrator.say(narrator.paint(
-            f"Verdict: rejected. The server answers 401 "
-            f'{{"error":true,"name":"{error.name}","message":"{error}"}}', "fail"))
-        return 1
+        return say_refused(narrator, "rejected. The server answers", error)
     narrator.say()
     narrator.say(narrator.paint("Verdict: valid. The server would accept this token.", "ok"))
     return 0
