@@ -1668,7 +1668,8 @@ def login_claims(config, record, now, session_id=None):
 
 
 def claim_checks(config):
-    """What config asks of a token's claims: keywords for decode_token and check_claims."""
+    """What config asks of a token's claims: keywords for decode_token and check_claims
+    (the server computes them once, as server.claim_checks)."""
     return {"leeway": config["leeway"], "issuer": config["issuer"], "audience": config["audience"]}
 
 
@@ -1683,7 +1684,7 @@ def require_token(request):
                         headers=(("WWW-Authenticate", 'Bearer realm="authserver"'),))
     server = request.server
     try:
-        claims = decode_token(token, server.key, **claim_checks(server.config))
+        claims = decode_token(token, server.key, **server.claim_checks)
         # Signed by us, but is its user still there (and did the token name a real one)?
         request.user = server.users.user_for(claims)
         request.session_id = check_session(server.sessions, claims)
@@ -2647,6 +2648,7 @@ class AuthServer(http.server.ThreadingHTTPServer):
         self.config, self.users, self.key, self.tls_context = config, users, key, tls_context
         self.log_stream = log_stream if log_stream is not None else sys.stderr
         self.routes = route_table(config)
+        self.claim_checks = claim_checks(config)      # what require_token asks of claims
         self.limiter = LoginLimiter({"user": config["loginAttempts"],
                                      "address": config["addressLoginAttempts"]},
                                     config["loginWindow"])
