@@ -24,16 +24,17 @@ check that, and that this list matches the sections' banners):
     1. Settings                            config.json, the signing secret, the limits
     2. base64url                           RFC 4648 §5, strict
     3. JWT                                 encode_token / decode_token: pure, no HTTP
-    4. Users and passwords                 users.json, PBKDF2, sign-up rules, login limits
-    5. Sessions                            refresh tokens, logout, revocation, in SQLite
-    6. HTTP errors and the JSON responder  HTTPError; a Response made into bytes
-    7. Middleware                          the steps every request goes through
-    8. Routes                              a table of (method, path) -> function
-    9. The handler                         reading a request within limits, writing once
-    10. The server                         connections, caps, slow clients, stopping
-    11. Command line                       serving; adduser / passwd / sessions / revoke
-    12. Teaching                           the token and explain commands
-    13. Main                               the command line's parser, and main()
+    4. Attacks                             the classic forgeries, and what stops each
+    5. Users and passwords                 users.json, PBKDF2, sign-up rules, login limits
+    6. Sessions                            refresh tokens, logout, revocation, in SQLite
+    7. HTTP errors and the JSON responder  HTTPError; a Response made into bytes
+    8. Middleware                          the steps every request goes through
+    9. Routes                              a table of (method, path) -> function
+    10. The handler                        reading a request within limits, writing once
+    11. The server                         connections, caps, slow clients, stopping
+    12. Command line                       serving; adduser / passwd / sessions / revoke
+    13. Teaching                           the token, explain and attack commands
+    14. Main                               the command line's parser, and main()
 
 It is the Node.js "JWT authentication server" tutorial's API, made safe: a teaching
 example and a LAN demo, not a production identity provider (see README.md).
@@ -413,12 +414,25 @@ def reject_constant(name):
 STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant)
 
 
-def parse_json_object(data):
+def unique_members(pairs):
+    """A JSON object's members as a dict; ValueError if a name comes twice."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("a member name comes twice")
+    return members
+
+
+# RFC 7515 §4 lets a reader either refuse a header that names a member twice or keep the
+# last: we refuse, because a proxy in front that keeps the first would read another header.
+UNIQUE_JSON = json.JSONDecoder(parse_constant=reject_constant, object_pairs_hook=unique_members)
+
+
+def parse_json_object(data, decoder=STRICT_JSON):
     """UTF-8 bytes -> dict; ValueError for anything else (also for absurd nesting)."""
-    # STRICT_JSON.decode(text) does the same, with two regex passes for the whitespace.
+    # decoder.decode(text) does the same, with two regex passes for the whitespace.
     text = data.decode("utf-8").strip(JSON_WHITESPACE)
     try:
-        value, end = STRICT_JSON.raw_decode(text)
+        value, end = decoder.raw_decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     if end != len(text):
@@ -504,12 +518,12 @@ def split_token(token):
 
 
 def read_header(header_segment):
-    """Step 2: the header is a JSON object saying alg HS256, and nothing we can't honour."""
+    """Step 2: the header is a JSON object saying alg HS256 (once), and nothing we can't honour."""
     # Speed: the header this server writes, recognised by its text, needs no decoding.
     if header_segment == HS256_HEADER_SEGMENT:
         return HS256_HEADER
     try:
-        header = parse_json_object(b64url_decode(header_segment))
+        header = parse_json_object(b64url_decode(header_segment), UNIQUE_JSON)
     except ValueError:
         raise TokenError("invalid token") from None
     if "crit" in header:
@@ -588,7 +602,350 @@ def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
 
 
 # ---------------------------------------------------------------------------
-# 4. Users and passwords
+# 4. Attacks: the classic forgeries, and the step of decode_token that stops each
+# ---------------------------------------------------------------------------
+# Every step above is there because some JWT library once went without it, and was
+# broken. This section forges those attacks, as pure functions of a genuine token, so that
+# each can be fired at a correct server and seen refused, by name: `python authserver.py
+# attack` sends them from the command line, and the page's "Attack it" panel gets the very
+# same list from GET /attacks. They come in the order of the steps that stop them.
+#
+# A forger needs no key; the few attacks that show a later step at work do: a token whose
+# signature is right but whose header or claims are not (another algorithm, an exp gone
+# by) can be made only by the key's holder. Those are marked needs="key", and are never
+# more than the genuine token they are made from.
+
+Attack = namedtuple("Attack", "name tries check message reference needs forge")
+# name, tries        what the attack is, and what it tries, in a line each
+# check, message     the step that must refuse it, and what that step says (the 401's message)
+# reference          where the rule is written: RFC 7515 (JWS), 7519 (JWT), 8725 (JWT BCP)
+# needs              None, "key" (the server's own: see above) or "refresh token"
+# forge              Forgery -> the forged token
+
+# What each step of decode_token guarantees: the explanation beside every refusal.
+CHECKS = {
+    "split_token": "a token is three base64url segments, without padding, at most "
+                   f"{MAX_TOKEN_BYTES} characters, and nothing else",
+    "read_header": "the server decides the algorithm (HS256), never the token; a header it "
+                   "cannot honour, or cannot read in one way only, is refused",
+    "check_signature": "the HMAC is recomputed with the server's own key over the bytes "
+                       "received; no key is ever taken from the token",
+    "check_claims": "a genuine signature is refused too outside its time: before nbf or "
+                    "iat, or from exp on",
+}
+# The step a refusal's message comes from, for an answer other than the one expected.
+MESSAGE_CHECKS = {"jwt malformed": "split_token", "invalid algorithm": "read_header",
+                  "invalid token": "read_header", "jwt signature is required": "check_signature",
+                  "invalid signature": "check_signature", "jwt expired": "check_claims",
+                  "jwt not active": "check_claims"}
+# Keys people sign with: examples from tutorials, documentation and this file. The
+# attack tries the first six on the server; the secret check tries all of them offline.
+WORDLIST = (
+    "", "secret", "password", "nodejs-jwt-auth-server-private-key", "your-256-bit-secret",
+    "correct horse battery staple, 32B+", "a-string-secret-at-least-256-bits-long",
+    "shhhhh", "keyboard cat", "changeme", "change-me", "secretkey", "secret-key", "secret_key",
+    "jwtsecret", "jwt-secret", "jwt_secret", "mysecret", "my-secret", "my_secret_key",
+    "supersecret", "s3cr3t", "key", "private", "private-key", "privatekey", "token", "auth",
+    "admin", "test", "123456", "qwerty", "default", "your_jwt_secret", "your-secret-key",
+)
+# The key a forger signs with; the URLs a forged header names are loopback ones only.
+FORGER_KEY = b"attacker-key"
+HS256_JWT = {"alg": "HS256", "typ": "JWT"}
+
+
+class Forgery:
+    """A genuine token taken apart: what every forgery starts from."""
+
+    def __init__(self, token, key=None, refresh_token=None, now=None):
+        self.token = token
+        self.header_segment, self.payload_segment, self.signature_segment = split_token(token)
+        # Read, not trusted: a forger copies the claims, which anyone can read.
+        self.claims = parse_json_object(b64url_decode(self.payload_segment))
+        self.key, self.refresh_token = key, refresh_token
+        self.now = time.time() if now is None else now
+
+    def header_changed(self, header):
+        """header, with the genuine payload and signature."""
+        return f"{segment(header)}.{self.payload_segment}.{self.signature_segment}"
+
+    def claims_changed(self, **changes):
+        """The genuine header and signature, with claims rewritten."""
+        payload = segment({**self.claims, **changes})
+        return f"{self.header_segment}.{payload}.{self.signature_segment}"
+
+
+def segment(value):
+    """A segment: a dict as compact JSON, or JSON text exactly as written, in base64url."""
+    return b64url_encode(value.encode("utf-8") if isinstance(value, str) else json_bytes(value))
+
+
+def unsigned(header, claims):
+    """A token with an empty signature."""
+    return f"{segment(header)}.{segment(claims)}."
+
+
+def signed_with(key, header, claims, digest="sha256"):
+    """A token signed with any key, by any HMAC (sha256, sha384, sha512)."""
+    signing_input = f"{segment(header)}.{segment(claims)}"
+    signature = hmac.digest(as_key(key), signing_input.encode("ascii"), digest)
+    return f"{signing_input}.{b64url_encode(signature)}"
+
+
+# -- Step 1, split_token: a token's shape ------------------------------------------------
+
+def padded(forgery):
+    """The genuine token with "=" padding on each segment: the same bytes, spelled otherwise."""
+    return ".".join(part + "=" * (-len(part) % 4) for part in forgery.token.split("."))
+
+
+def other_alphabet(forgery):
+    """The genuine token in plain base64's alphabet (+ / for - _); None if it has neither."""
+    if not re.search(r"[-_]", forgery.token):
+        return None
+    return forgery.token.translate(str.maketrans("-_", "+/"))
+
+
+def shape_attacks():
+    yield Attack('base64 with "=" padding', "the genuine token, each segment padded as plain "
+                 "base64 pads it", "split_token", "jwt malformed", "RFC 7515 §2", None, padded)
+    yield Attack("base64's other alphabet", "the genuine token with + and / for - and _",
+                 "split_token", "jwt malformed", "RFC 7515 §2; RFC 4648 §5", None,
+                 other_alphabet)
+    yield Attack("oversized token", f"a payload padded past {MAX_TOKEN_BYTES} characters, "
+                 "for the server to decode and hash", "split_token", "jwt malformed",
+                 "MAX_TOKEN_BYTES, this server's limit", None,
+                 lambda forgery: signed_with(FORGER_KEY, HS256_JWT,
+                                             {**forgery.claims, "pad": "A" * MAX_TOKEN_BYTES}))
+    yield Attack("refresh token as an access token", "the login's refresh token, sent where "
+                 "an access token goes", "split_token", "jwt malformed", "RFC 6749 §1.5",
+                 "refresh token", lambda forgery: forgery.refresh_token)
+
+
+# -- Step 2, read_header: the token does not choose how it is checked --------------------
+
+def none_attacks():
+    for alg in ("none", "None", "NONE"):
+        header = {"alg": alg, "typ": "JWT"}
+        yield Attack(f'alg "{alg}", no signature', 'a header saying the token is not signed '
+                     'at all (an "unsecured JWT")', "read_header", "invalid algorithm",
+                     "RFC 8725 §2.1, §3.1", None,
+                     lambda forgery, header=header: unsigned(header, forgery.claims))
+        yield Attack(f'alg "{alg}", signature kept', "the same, with the genuine signature "
+                     "left on for a parser that wants one", "read_header", "invalid algorithm",
+                     "RFC 8725 §2.1, §3.1", None,
+                     lambda forgery, header=header: forgery.header_changed(header))
+
+
+def algorithm_attacks():
+    for alg, digest in (("HS384", "sha384"), ("HS512", "sha512"), ("hs256", "sha256")):
+        yield Attack(f'alg "{alg}", the server\'s own key', "a genuine signature, made by "
+                     "another algorithm than the server's (or its name in another case)",
+                     "read_header", "invalid algorithm", "RFC 8725 §3.1", "key",
+                     lambda forgery, alg=alg, digest=digest: signed_with(
+                         forgery.key, {"alg": alg, "typ": "JWT"}, forgery.claims, digest))
+    for alg in ("RS256", "ES256"):
+        yield Attack(f'alg "{alg}", signature kept', "a public-key algorithm, to be checked "
+                     "with a key the token itself names", "read_header", "invalid algorithm",
+                     "RFC 8725 §2.1, §3.1", None,
+                     lambda forgery, alg=alg: forgery.header_changed({"alg": alg, "typ": "JWT"}))
+    yield Attack('alg "none" in JSON escapes', r'"\u006eone" is "none" to a JSON parser, '
+                 "but not to a filter that looks at the text", "read_header",
+                 "invalid algorithm", "RFC 8725 §3.1; RFC 8259 §7", None,
+                 lambda forgery: unsigned(r'{"alg":"\u006eone","typ":"JWT"}', forgery.claims))
+    for first, last in (("HS256", "none"), ("none", "HS256")):
+        yield Attack(f'alg twice: "{first}", then "{last}"', "a parser that keeps the first "
+                     "and one that keeps the last read two different headers", "read_header",
+                     "invalid token", "RFC 7515 §4", None,
+                     lambda forgery, text=f'{{"alg":"{first}","alg":"{last}","typ":"JWT"}}':
+                     unsigned(text, forgery.claims))
+    yield Attack('"crit": ["b64"], the server\'s own key', "an extension the server does not "
+                 "implement (RFC 7797's unencoded payload), marked as one it must",
+                 "read_header", "invalid token", "RFC 7515 §4.1.11", "key",
+                 lambda forgery: signed_with(forgery.key, {**HS256_JWT, "b64": False,
+                                                           "crit": ["b64"]}, forgery.claims))
+
+
+# -- Step 3, check_signature: only the key's holder can sign -----------------------------
+
+def signature_attacks():
+    yield Attack("signature removed", "the genuine header and payload, and an empty "
+                 "signature", "check_signature", "jwt signature is required", "RFC 7515 §5.2",
+                 None, lambda forgery: f"{forgery.header_segment}.{forgery.payload_segment}.")
+    edits = (("username", 'username changed to "admin"', lambda old, now: "admin"),
+             ("id", "id changed to another user's",
+              lambda old, now: old + 1 if type(old) is int else 1),
+             ("exp", "exp moved a year on",
+              lambda old, now: (old if is_number(old) else int(now)) + 365 * 86400))
+    for name, title, change in edits:
+        yield Attack(f"payload edited: {title}", "a claim rewritten and the genuine signature "
+                     "kept: base64url is an encoding, which anyone can rewrite",
+                     "check_signature", "invalid signature", "RFC 7515 §5.2", None,
+                     lambda forgery, name=name, change=change: forgery.claims_changed(
+                         **{name: change(forgery.claims.get(name), forgery.now)}))
+    for key in WORDLIST[:6]:
+        yield Attack(f"signed with {json.dumps(key)}", "a key from tutorials and examples: "
+                     "a server's key must be random", "check_signature", "invalid signature",
+                     "RFC 8725 §2.2, §3.5", None,
+                     lambda forgery, key=key: signed_with(key, HS256_JWT, forgery.claims))
+    # Headers that name a key: a server that follows them lets the forger choose it.
+    injections = (
+        ('"kid": "../../../../dev/null"', "kid", "../../../../dev/null", b"",
+         "a key file's path: /dev/null reads as an empty key, which signed this",
+         "RFC 8725 §2.9, §3.10"),
+        ('"kid" with SQL in it', "kid", "x' UNION SELECT 'attacker-key' --", FORGER_KEY,
+         "a key looked up in a database, which returns the forger's key",
+         "RFC 8725 §2.9, §3.10"),
+        ('"jku": a loopback URL', "jku", "http://127.0.0.1/.well-known/jwks.json", FORGER_KEY,
+         "keys to fetch from a URL (the forger's, or a request into the server's network)",
+         "RFC 8725 §2.9; RFC 7515 §4.1.2"),
+        ('"x5u": a loopback URL', "x5u", "http://127.0.0.1/cert.pem", FORGER_KEY,
+         "a certificate to fetch from a URL, likewise", "RFC 8725 §2.9; RFC 7515 §4.1.5"),
+        ('"jwk": a key in the header', "jwk", {"kty": "oct", "k": b64url_encode(FORGER_KEY)},
+         FORGER_KEY, "the key itself, embedded in the token: the forger's",
+         "RFC 8725 §3.10; RFC 7515 §4.1.3"),
+    )
+    for title, member, value, key, tries, reference in injections:
+        yield Attack(title, tries, "check_signature", "invalid signature", reference, None,
+                     lambda forgery, member=member, value=value, key=key: signed_with(
+                         key, {**HS256_JWT, member: value}, forgery.claims))
+    yield Attack("a token from another server", "the same claims, signed by another server "
+                 "(another secret)", "check_signature", "invalid signature", "RFC 8725 §2.7",
+                 None, lambda forgery: signed_with(secrets.token_bytes(32), HS256_JWT,
+                                                   forgery.claims))
+
+
+# -- Step 5, check_claims: a genuine signature, at the wrong time ------------------------
+
+def expired(forgery):
+    """The genuine claims moved back: issued a lifetime ago, expired a minute ago."""
+    claims = forgery.claims
+    lifetime = claims["exp"] - claims["iat"] if is_number(claims.get("exp")) and is_number(
+        claims.get("iat")) else 3600
+    exp = int(forgery.now) - 60
+    return encode_token({**claims, "iat": int(exp - lifetime), "exp": exp}, forgery.key)
+
+
+def not_yet_valid(forgery):
+    """nbf at the genuine exp: never valid where nbf is checked, and no more than the
+    genuine token where it is not."""
+    return encode_token({**forgery.claims, "nbf": forgery.claims.get("exp")}, forgery.key)
+
+
+def time_attacks():
+    yield Attack("expired token replayed", "a token whose exp has passed, signed as the "
+                 "server signs (an old captured one)", "check_claims", "jwt expired",
+                 "RFC 7519 §4.1.4", "key", expired)
+    yield Attack("nbf in the future", "a token not valid before its nbf, signed as the "
+                 "server signs", "check_claims", "jwt not active", "RFC 7519 §4.1.5", "key",
+                 not_yet_valid)
+
+
+ATTACKS = [*shape_attacks(), *none_attacks(), *algorithm_attacks(), *signature_attacks(),
+           *time_attacks()]
+
+
+def forged(attack, forgery):
+    """attack's token, or None when it needs what forgery lacks (the key, a refresh token)."""
+    if (attack.needs == "key" and forgery.key is None
+            or attack.needs == "refresh token" and not forgery.refresh_token):
+        return None
+    return attack.forge(forgery)
+
+
+def header_text(token):
+    """A forged token's header as JSON text, to show; read as leniently as a forger writes."""
+    if not token or "." not in token:          # a refresh token has no header
+        return None
+    first = token.split(".")[0].rstrip("=").translate(str.maketrans("+/", "-_"))
+    try:
+        return b64url_decode(first).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def attack_fields(attack, token):
+    """An attack and its forged token as JSON, for the page and for `attack --json`."""
+    return {"name": attack.name, "tries": attack.tries, "check": attack.check,
+            "message": attack.message, "reference": attack.reference, "needs": attack.needs,
+            "token": token, "header": header_text(token)}
+
+
+def verdict(attack, status, message):
+    """("refused", check) for a 4xx, ("ACCEPTED", None) for a 2xx, ("unclear", None) else.
+
+    The check is the one the attack aims at when the answer says what that check says,
+    else the one the answer's message names (None for a message this file never sends).
+    """
+    if 200 <= status < 300:
+        return "ACCEPTED", None
+    if not 400 <= status < 500 or status == 429:
+        return "unclear", None
+    return "refused", attack.check if message == attack.message else MESSAGE_CHECKS.get(message)
+
+
+# -- The secret, offline: how fast can a captured token's key be guessed? ---------------
+
+def wordlist_guesses():
+    """Each word of WORDLIST as written, Capitalised and UPPER, alone and + 0 to 999."""
+    for word in WORDLIST:
+        for form in dict.fromkeys((word, word.capitalize(), word.upper())):
+            yield form
+            for number in range(1000):
+                yield f"{form}{number}"
+
+
+def guess_secret(token, guesses):
+    """(found, tried, seconds): try each guess as the key of token's signature, offline.
+
+    found is a bool, never the key: whoever runs this learns that the key is weak, and
+    what says so can be pasted anywhere.
+    """
+    header_segment, payload_segment, signature_segment = split_token(token)
+    signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
+    signature = b64url_decode(signature_segment)
+    tried, started = 0, time.perf_counter()
+    for guess in guesses:
+        tried += 1
+        if hmac.compare_digest(hmac.digest(guess.encode("utf-8"), signing_input, "sha256"),
+                               signature):
+            return True, tried, time.perf_counter() - started
+    return False, tried, time.perf_counter() - started
+
+
+SECONDS_PER_YEAR = 365.25 * 86400
+UNIVERSE_AGE_YEARS = 1.38e10
+
+
+def duration_text(seconds):
+    """0.31 s, 12 min, 5.2 h, 40 days, 300 years, 2.1e+63 years."""
+    for limit, unit in ((60, "s"), (3600, "min"), (86400, "h"), (SECONDS_PER_YEAR, "days")):
+        if seconds < limit:
+            size = {"s": 1, "min": 60, "h": 3600, "days": 86400}[unit]
+            return f"{seconds / size:.2g} {unit}"
+    years = seconds / SECONDS_PER_YEAR
+    return f"{years:,.0f} years" if years < 1e6 else f"{years:.1e} years"
+
+
+def key_bits(key):
+    """The bits key would hold were each character drawn at random from the kinds it uses."""
+    text = key.decode("utf-8", "replace")
+    alphabet = sum(size for pattern, size in (("[a-z]", 26), ("[A-Z]", 26), ("[0-9]", 10),
+                                              ("[^a-zA-Z0-9]", 33)) if re.search(pattern, text))
+    return min(len(text) * math.log2(max(alphabet, 2)), 256.0)   # HMAC-SHA256 holds 256 at most
+
+
+def search_times(rate, bits=None):
+    """[(what, how long a search of all of them takes at rate guesses a second)]."""
+    rows = [("a word from a 100,000-word dictionary", 1e5), ("6 lowercase letters", 26.0 ** 6),
+            ("10 characters of any kind", 95.0 ** 10),
+            ("256 random bits, as authserver makes", 2.0 ** 256)]
+    if bits is not None:
+        rows.append((f"the configured secret: {bits:.0f} bits at most", 2.0 ** bits))
+    return [(what, count / rate) for what, count in rows]
+
+
+# ---------------------------------------------------------------------------
+# 5. Users and passwords
 # ---------------------------------------------------------------------------
 
 # Stored as Django does it: "pbkdf2_sha256$<iterations>$<salt>$<base64 hash>". The
@@ -1056,7 +1413,7 @@ def decode_password(encoded):
 
 
 # ---------------------------------------------------------------------------
-# 5. Sessions: refresh tokens, logout, revocation
+# 6. Sessions: refresh tokens, logout, revocation
 # ---------------------------------------------------------------------------
 # An access token is stateless: nobody can take it back before its exp. A session is the
 # stateful half that makes logout possible. Each login starts one, in SQLite; the access
@@ -1489,7 +1846,7 @@ class SessionStore:
 
 
 # ---------------------------------------------------------------------------
-# 6. HTTP errors and the JSON responder
+# 7. HTTP errors and the JSON responder
 # ---------------------------------------------------------------------------
 
 class Response:
@@ -1578,13 +1935,13 @@ def response_bytes(response, now, connection="", head=False):
 
 
 # ---------------------------------------------------------------------------
-# 7. Middleware: every request runs through these steps, in this order
+# 8. Middleware: every request runs through these steps, in this order
 # ---------------------------------------------------------------------------
 # A step takes the request and returns a Response to answer now, or None to go on;
 # it may also raise HTTPError. The router is simply the last step. The table it looks
 # in is the server's `routes`, a RouteTable: defined here, filled in by the next section.
 #
-# The request is the connection's handler (section 9). What a step or a route may use:
+# The request is the connection's handler (section 10). What a step or a route may use:
 #   request.command        the method, "GET", "POST", ... (HEAD is routed as GET)
 #   request.route_path     the path, without the query string
 #   request.headers        Headers: any spelling of a name finds it ("Authorization")
@@ -1733,7 +2090,7 @@ def run_middleware(request):
 
 
 # ---------------------------------------------------------------------------
-# 8. Routes
+# 9. Routes
 # ---------------------------------------------------------------------------
 
 def read_fields(request):
@@ -1916,6 +2273,21 @@ def list_sessions(request):
     return Response(200, {"sessions": found})
 
 
+def list_attacks(request):
+    """GET /attacks: the classic forgeries of the caller's own token (section 4), for the
+    page's "Attack it" panel, which sends each to GET /users/getInfo and shows the answer.
+
+    The few that need a genuine signature are signed with this server's key; each is made
+    never to be more than the token it came from (see section 4). The refresh-token attack
+    comes without a token: the page holds its refresh token, and sends that.
+    """
+    forgery = Forgery(bearer_token(request.headers), request.server.key)
+    return Response(200, {"target": "GET /users/getInfo", "checks": CHECKS,
+                          "messages": MESSAGE_CHECKS,
+                          "attacks": [attack_fields(attack, forged(attack, forgery))
+                                      for attack in ATTACKS]})
+
+
 def get_info(request):
     """GET /users/getInfo: the token's user, without password fields."""
     return Response(200, request.user.public_json)
@@ -2025,6 +2397,7 @@ ROUTES = {
     ("POST", "/users/logoutAll"): logout_all,
     ("GET", "/users/sessions"): list_sessions,
     ("POST", "/users/register"): register,
+    ("GET", "/attacks"): list_attacks,
     ("GET", "/openapi.json"): serve_openapi,
     ("GET", "/"): serve_page,
 }
@@ -2119,6 +2492,28 @@ OPENAPI_SCHEMAS = {
     "NoToken": {
         "type": "object", "required": ["error", "message"],
         "properties": {"error": {"enum": [True]}, "message": {"enum": ["No token provided."]}}},
+    "Attacks": {
+        "type": "object", "required": ["target", "checks", "messages", "attacks"],
+        "properties": {
+            "target": {"type": "string", "description": "where to send each token"},
+            "checks": {"type": "object", "description": "step of decode_token -> what it "
+                       "guarantees"},
+            "messages": {"type": "object", "description": "a 401's message -> the step that "
+                         "sends it"},
+            "attacks": {"type": "array", "items": ref("schemas", "Attack")}}},
+    "Attack": {
+        "type": "object",
+        "required": ["name", "tries", "check", "message", "reference", "needs", "token",
+                     "header"],
+        "properties": {
+            "name": {"type": "string"}, "tries": {"type": "string"},
+            "check": {"type": "string", "description": "the step that must refuse it"},
+            "message": {"type": "string", "description": "the 401's message when it does"},
+            "reference": {"type": "string", "description": "the RFC section"},
+            "needs": {"type": ["string", "null"], "description": '"refresh token": send '
+                      "your own refresh token as the access token (token is null)"},
+            "token": {"type": ["string", "null"], "description": "the forged token"},
+            "header": {"type": ["string", "null"], "description": "its header, decoded"}}},
     "OpenAPI": {"type": "object", "required": ["openapi", "info", "paths"]},
 }
 OPENAPI_HEADERS = {
@@ -2189,6 +2584,11 @@ ROUTE_DOCS = {
             429: ("Message", "too many attempts from this address (each sign-up counts)",
                   ["Retry-After"]),
             503: ("NamedError", "the users file cannot be written", ["Retry-After"])}},
+    ("GET", "/attacks"): {
+        "summary": "The classic JWT forgeries of your own token, to send to GET "
+                   "/users/getInfo and see each refused (the page's Attack it panel)",
+        "responses": {200: ("Attacks", "one forged token per attack, and the step that "
+                            "must refuse it")}},
     ("GET", "/openapi.json"): {
         "summary": "This document",
         "responses": {200: ("OpenAPI", "OpenAPI 3.1")}},
@@ -2284,7 +2684,7 @@ def openapi_response(schema, when, headers=()):
 
 
 # ---------------------------------------------------------------------------
-# 9. The handler: read one request within limits, run the middleware, write once
+# 10. The handler: read one request within limits, run the middleware, write once
 # ---------------------------------------------------------------------------
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -2531,7 +2931,7 @@ class AuthRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# 10. The server: connections, caps, slow clients, stopping
+# 11. The server: connections, caps, slow clients, stopping
 # ---------------------------------------------------------------------------
 
 class InFlight:
@@ -2895,7 +3295,7 @@ def make_tls_context(cert_file, key_file):
 
 
 # ---------------------------------------------------------------------------
-# 11. Command line: serving, users, sessions
+# 12. Command line: serving, users, sessions
 # ---------------------------------------------------------------------------
 
 def lan_addresses():
@@ -3112,7 +3512,7 @@ def revoke_command(args):
 
 
 # ---------------------------------------------------------------------------
-# 12. Teaching: the token and explain commands
+# 13. Teaching: the token, explain and attack commands
 # ---------------------------------------------------------------------------
 
 def issue_token(args):
@@ -3467,7 +3867,7 @@ def explain(args):
 
 
 # ---------------------------------------------------------------------------
-# 13. Main: the command line's parser, and main()
+# 14. Main: the command line's parser, and main()
 # ---------------------------------------------------------------------------
 
 def username_argument(text):

@@ -286,6 +286,10 @@ BAD_TOKENS = [
     ("alg RS256", forge({"alg": "RS256", "typ": "JWT"}, GOOD_CLAIMS), "JsonWebTokenError",
      "invalid algorithm"),
     ("no alg", forge({"typ": "JWT"}, GOOD_CLAIMS), "JsonWebTokenError", "invalid algorithm"),
+    # Signed right, and the last alg is HS256: a parser keeping the last would accept it;
+    # one keeping the first (a proxy in front, say) would read "none".
+    ("alg twice", authserver.signed_with(SECRET, '{"alg":"none","alg":"HS256","typ":"JWT"}',
+                                         GOOD_CLAIMS), "JsonWebTokenError", "invalid token"),
     ("empty signature", f"{HEAD}.{BODY}.", "JsonWebTokenError", "jwt signature is required"),
     ("wrong secret", forge(GOOD_HEADER, GOOD_CLAIMS, secret="another-secret-that-is-32-bytes-long!"),
      "JsonWebTokenError", "invalid signature"),
@@ -2864,6 +2868,10 @@ class TestOpenAPI(unittest.TestCase):
         ("POST", "/users/register", 409): {"body": signup_body("test")},
         ("POST", "/users/register", 429): "limited_twice",
         ("POST", "/users/register", 503): {"body": signup_body("walk-503"), "server": "broken"},
+        ("GET", "/attacks", 200): "logged_in",
+        ("GET", "/attacks", 401): {"headers": {"x-access-token": token_for()[:-2]}},
+        ("GET", "/attacks", 403): {},
+        ("GET", "/attacks", 503): {"headers": UNSEEN, "server": "broken"},
         ("GET", "/openapi.json", 200): {},
         ("GET", "/", 200): {},
         ("GET", "/", 404): "without_page",
@@ -5616,3 +5624,59 @@ class TestRefreshTokensOnACommandLine(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# The attack lab: section 4's forgeries, GET /attacks, and the attack command
+# ---------------------------------------------------------------------------
+
+class TestAttackRoute(SessionsCase):
+    """GET /attacks: the forgeries of the caller's token, each refused where it says."""
+
+    def test_every_forgery_is_refused_by_the_step_it_names(self):
+        login = self.login()
+        status, _, body = self.client.request("GET", "/attacks", headers=bearer(login["token"]))
+        self.assertEqual(status, 200, body)
+        self.assertEqual((body["target"], body["checks"], body["messages"]),
+                         ("GET /users/getInfo", authserver.CHECKS, authserver.MESSAGE_CHECKS))
+        self.assertEqual([attack["name"] for attack in body["attacks"]],
+                         [attack.name for attack in authserver.ATTACKS])
+        for attack in body["attacks"]:
+            with self.subTest(attack["name"]):
+                token = attack["token"]
+                if attack["needs"] == "refresh token":       # the page sends its own
+                    self.assertIsNone(token)
+                    token = login["refreshToken"]
+                status, answer = self.info(token)
+                self.assertEqual((status, answer["message"]), (401, attack["message"]))
+        # Each of those refusals was made by the step named: the same tokens, decoded here.
+        for attack in body["attacks"]:
+            if attack["token"] and attack["check"] != "split_token":
+                with self.assertRaises(TokenError):
+                    authserver.decode_token(attack["token"], self.server.key)
+
+    def test_the_tokens_signed_with_the_servers_key_are_never_more_than_the_callers(self):
+        login = self.login()
+        _, _, body = self.client.request("GET", "/attacks", headers=bearer(login["token"]))
+        genuine = authserver.decode_token(login["token"], self.server.key)
+        by_name = {attack["name"]: attack["token"] for attack in body["attacks"]}
+        for name in ('alg "HS384", the server\'s own key', "expired token replayed",
+                     "nbf in the future"):
+            with self.subTest(name):
+                header, payload, signature = by_name[name].split(".")
+                claims = json.loads(b64url_decode(payload))
+                # Same user, same session; never valid later than the genuine token.
+                self.assertEqual({key: claims[key] for key in ("id", "username", "sid")},
+                                 {key: genuine[key] for key in ("id", "username", "sid")})
+                self.assertLessEqual(claims["exp"], genuine["exp"])
+                if "nbf" in claims:
+                    self.assertGreaterEqual(claims["nbf"], claims["exp"])
+        self.assertLess(json.loads(b64url_decode(
+            by_name["expired token replayed"].split(".")[1]))["exp"], time.time())
+
+    def test_it_needs_a_valid_token(self):
+        status, _, body = self.client.request("GET", "/attacks")
+        self.assertEqual((status, body["message"]), (403, "No token provided."))
+        status, answer = self.client.request("GET", "/attacks", headers=bearer(
+            token_for(secret="another-secret-that-is-32-bytes-long!")))[::2]
+        self.assertEqual((status, answer["message"]), (401, "invalid signature"))
