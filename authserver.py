@@ -57,18 +57,21 @@ import getpass
 import glob
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
 import ssl
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -698,19 +701,18 @@ def padded(forgery):
     return ".".join(part + "=" * (-len(part) % 4) for part in forgery.token.split("."))
 
 
-def other_alphabet(forgery):
-    """The genuine token in plain base64's alphabet (+ / for - _); None if it has neither."""
-    if not re.search(r"[-_]", forgery.token):
-        return None
-    return forgery.token.translate(str.maketrans("-_", "+/"))
+def plain_base64(forgery):
+    """The genuine token as plain base64 spells it: + / for - _, and padded (as the 43
+    characters of a signature always are), so never as the server wrote it."""
+    return padded(forgery).translate(str.maketrans("-_", "+/"))
 
 
 def shape_attacks():
     yield Attack('base64 with "=" padding', "the genuine token, each segment padded as plain "
                  "base64 pads it", "split_token", "jwt malformed", "RFC 7515 §2", None, padded)
-    yield Attack("base64's other alphabet", "the genuine token with + and / for - and _",
-                 "split_token", "jwt malformed", "RFC 7515 §2; RFC 4648 §5", None,
-                 other_alphabet)
+    yield Attack("plain base64", "the genuine token in plain base64: + and / for - and _, "
+                 "and padded", "split_token", "jwt malformed", "RFC 7515 §2; RFC 4648 §5",
+                 None, plain_base64)
     yield Attack("oversized token", f"a payload padded past {MAX_TOKEN_BYTES} characters, "
                  "for the server to decode and hash", "split_token", "jwt malformed",
                  "MAX_TOKEN_BYTES, this server's limit", None,
@@ -3371,13 +3373,14 @@ def serve(args):
 
 # -- managing users -----------------------------------------------------------
 
-def read_new_password(stdin=None):
-    """From the terminal with getpass (asked twice), or one line from stdin for scripts."""
+def read_new_password(stdin=None, prompt="New password: ", repeat="Repeat it: "):
+    """From the terminal with getpass (asked twice, unless repeat is None), or one line from
+    stdin for scripts."""
     stdin = stdin or sys.stdin
     try:
         if stdin.isatty():
-            password = getpass.getpass("New password: ")
-            if getpass.getpass("Repeat it: ") != password:
+            password = getpass.getpass(prompt)
+            if repeat and getpass.getpass(repeat) != password:
                 raise ConfigError("the two passwords differ")
         else:
             line = stdin.readline()
@@ -3866,6 +3869,268 @@ def explain(args):
     return 0
 
 
+# -- attack: section 4's forgeries, sent to a running server -----------------------------
+# It talks to the one URL it is given (or the config's), and to nothing else: http.client
+# follows no redirect and reads no proxy setting, as urllib would.
+
+MAX_ANSWER_BYTES = 65536        # of a server's answer: enough for any message of ours
+
+
+class Target:
+    """The server under attack: requests to its URL only, each on a connection of its own."""
+
+    def __init__(self, url, tls_cert=None, timeout=10):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise ConfigError(f"--url {url!r}: give http://HOST:PORT or https://HOST:PORT")
+        self.url, self.host, self.port = url.rstrip("/"), parts.hostname, port
+        self.base_path, self.timeout = parts.path.rstrip("/"), timeout
+        self.tls_context = None
+        if parts.scheme == "https":
+            try:    # a self-signed certificate is its own authority: --tls-cert trusts it
+                self.tls_context = ssl.create_default_context(cafile=tls_cert)
+            except (OSError, ssl.SSLError) as error:
+                raise ConfigError(f"--tls-cert {tls_cert}: {error}") from None
+
+    def send(self, method, path, body=None, headers=None):
+        """(status, answer's message or text): one request and its answer, or ConfigError."""
+        if self.tls_context is None:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        else:
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                                     context=self.tls_context)
+        try:
+            connection.request(method, self.base_path + path, body, headers or {})
+            response = connection.getresponse()
+            return response.status, answer_of(response.read(MAX_ANSWER_BYTES))
+        except ssl.SSLCertVerificationError as error:
+            raise ConfigError(f"{self.url}: {error.verify_message}; to trust a self-signed "
+                              f"certificate, give it: --tls-cert cert.pem") from None
+        except (OSError, http.client.HTTPException) as error:
+            raise ConfigError(f"{self.url}: {error or type(error).__name__} (is the server "
+                              f"running? python authserver.py)") from None
+        finally:
+            connection.close()
+
+
+def answer_of(data):
+    """The JSON answer as a dict, or {"message": the text} for any other answer."""
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):
+        return answer
+    return {"message": data.decode("utf-8", "replace").strip()[:200]}
+
+
+def default_url(config, tls_cert):
+    """The server config describes, as reached from this machine."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(config["host"],
+                                                                      config["host"])
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls_cert else 'http'}://{host}:{config['port']}"
+
+
+def genuine_token(args, target):
+    """(access token, refresh token or None): --token's, or a real login's."""
+    if args.token:
+        return args.token.strip(), None
+    if not args.user:
+        raise ConfigError("attack needs a genuine token to forge from: --user NAME (the "
+                          "password is asked for, or --password PW) or --token TOKEN")
+    password = args.password
+    if password is None:
+        password = read_new_password(prompt=f"Password for {args.user}: ", repeat=None)
+    body = json_bytes({"username": args.user,
+                       "password": base64.b64encode(password.encode("utf-8")).decode()})
+    status, answer = target.send("POST", "/users/authenticate", body,
+                                 {"Content-Type": "application/json"})
+    if status != 200 or not isinstance(answer.get("token"), str):
+        raise ConfigError(f"logging in as {args.user!r} at {target.url}: {status} "
+                          f"{printable(str(answer.get('message', answer)))}")
+    refresh_token = answer.get("refreshToken")
+    return answer["token"], refresh_token if isinstance(refresh_token, str) else None
+
+
+def server_key(args, token):
+    """This machine's secret, if it is the one that signed token; else None.
+
+    Only the key's holder can make the attacks marked needs="key"; run beside the server,
+    with its config, attack is that holder. The secret is read, never made (load_secret
+    would make one), and never shown.
+    """
+    try:
+        config = load_config(args.config)
+        if config["secret"]:
+            key = checked_secret(config["secret"], "secret")
+        else:
+            path = config["path"].parent / config["secretFile"]
+            key = checked_secret(path.read_text(encoding="utf-8-sig").strip(), "secret file")
+    except (ConfigError, OSError):
+        return None
+    header_segment, payload_segment, signature_segment = token.split(".")
+    signature = sign(f"{header_segment}.{payload_segment}".encode("ascii"), key)
+    return key if hmac.compare_digest(b64url_encode(signature), signature_segment) else None
+
+
+def run_attack(attack, forgery, target):
+    """Send attack's forged token to GET /users/getInfo: attack_fields with the answer."""
+    token = forged(attack, forgery)
+    result = {**attack_fields(attack, token), "status": None, "answer": None,
+              "verdict": "skipped", "refusedBy": None}
+    if token is not None:
+        status, answer = target.send("GET", "/users/getInfo",
+                                     headers={"Authorization": f"Bearer {token}"})
+        message = answer.get("message")
+        result["status"], result["answer"] = status, message
+        result["verdict"], result["refusedBy"] = verdict(attack, status, message)
+    return result
+
+
+def secret_strength(token, key):
+    """The wordlist tried offline against token's signature, and what the rate means."""
+    found, tried, seconds = guess_secret(token, wordlist_guesses())
+    rate = tried / max(seconds, 1e-9)
+    bits = key_bits(key) if key is not None else None
+    return {"found": found, "guesses": tried, "seconds": round(seconds, 3),
+            "perSecond": round(rate), "configuredBits": bits and round(bits),
+            "searchTimes": [{"what": what, "seconds": time_needed}
+                            for what, time_needed in search_times(rate, bits)]}
+
+
+SKIP_REASONS = {
+    "key": "needs the server's key: run attack beside the server, with its config",
+    "refresh token": "needs a refresh token: log in with --user rather than --token",
+}
+
+
+def attack_lines(result, narrator, width):
+    """One attack's four lines: verdict and name, what it tries, its token, the answer."""
+    token = result["token"] or ""
+    room, cut = width - len(ATTACK_INDENT), f"... ({len(token)} characters)"
+    shown = token if len(token) <= room else token[:room - len(cut)] + cut
+    mark = {"refused": ("refused ", "ok"), "ACCEPTED": ("ACCEPTED", "fail"),
+            "unclear": ("unclear ", "fail"), "skipped": ("skipped ", "dim")}[result["verdict"]]
+    lines = [f"  {narrator.paint(mark[0], mark[1])} {result['name']}",
+             *indented(result["tries"], width)]
+    if result["verdict"] == "skipped":
+        return lines + indented(SKIP_REASONS[result["needs"]], width)
+    answer = f"{result['status']} {printable(str(result['answer']))}"
+    if result["verdict"] == "ACCEPTED":
+        outcome = narrator.paint(f"the server accepted a forged token: it is vulnerable "
+                                 f"({result['reference']})", "fail")
+    elif result["verdict"] == "unclear":
+        outcome = "neither accepted nor refused: try again"
+    elif result["refusedBy"] == result["check"]:
+        outcome = f"refused by {result['check']} ({result['reference']})"
+    else:
+        outcome = (f"refused by {result['refusedBy'] or 'a check this tool does not know'}, "
+                   f"where {result['check']} should have ({result['reference']})")
+    return lines + [f"{ATTACK_INDENT}{narrator.paint(shown, 'dim')}",
+                    *indented(f"{answer}: {outcome}", width)]
+
+
+ATTACK_INDENT = " " * 11
+
+
+def indented(text, width):
+    """text in lines of at most width characters, under an attack's name."""
+    return textwrap.wrap(text, width, initial_indent=ATTACK_INDENT,
+                         subsequent_indent=ATTACK_INDENT, break_on_hyphens=False)
+
+
+def secret_lines(strength, narrator):
+    """What the offline search found, and how long keys of each kind last at its rate."""
+    lines = ["", narrator.paint("The secret, offline", "bold"),
+             f"  {strength['guesses']:,} guesses from the wordlist ({len(WORDLIST)} words, each "
+             f"as written, Capitalised and UPPER,", "  alone and followed by 0 to 999) against "
+             f"the token's signature: {duration_text(strength['seconds'])},",
+             f"  {strength['perSecond']:,} guesses a second on this machine (Python, one core)."]
+    if strength["found"]:
+        lines.append("  " + narrator.paint("The server's secret was found in the wordlist: "
+                                           "change it. (It is not shown here.)", "fail"))
+    else:
+        lines.append("  " + narrator.paint("Not found in the wordlist.", "ok"))
+    lines.append("  At that rate, a search of every key of a kind takes:")
+    lines += [f"    {row['what']:<44} {duration_text(row['seconds'])}"
+              for row in strength["searchTimes"]]
+    lines += [f"  (The universe is {UNIVERSE_AGE_YEARS:.1e} years old. Hardware built for "
+              "guessing goes far faster", "  than this: read these as the least an "
+              "attacker can do.)"]
+    return lines
+
+
+def attack_command(args):
+    """python authserver.py attack: forge section 4's attacks and send each to a server."""
+    config_url = None
+    if args.url is None:
+        config_url = default_url(load_config(args.config), args.tls_cert)
+    target = Target(args.url or config_url, args.tls_cert)
+    token, refresh_token = genuine_token(args, target)
+    try:
+        forgery = Forgery(token, server_key(args, token), refresh_token)
+    except (TokenError, ValueError):
+        raise ConfigError("the genuine token is not a JWT (header.payload.signature)") from None
+    status, answer = target.send("GET", "/users/getInfo",
+                                 headers={"Authorization": f"Bearer {token}"})
+    if status != 200:   # then a refusal of a forgery would prove nothing
+        raise ConfigError(f"the genuine token itself is refused: {status} "
+                          f"{printable(str(answer.get('message')))}")
+    results = [run_attack(attack, forgery, target) for attack in ATTACKS]
+    strength = secret_strength(token, forgery.key)
+    if refresh_token:    # leave no session behind: the tokens printed below are dead
+        target.send("POST", "/users/logout", json_bytes({"refreshToken": refresh_token}),
+                    {"Content-Type": "application/json"})
+    counts = {name: sum(result["verdict"] == name for result in results)
+              for name in ("refused", "ACCEPTED", "unclear", "skipped")}
+    safe = not (counts["ACCEPTED"] or counts["unclear"] or strength["found"])
+    if args.json:
+        print(json.dumps({"url": target.url, "attacks": results, "counts": counts,
+                          "secret": strength, "ok": safe}, indent=2))
+    else:
+        print_attack_report(target, results, counts, strength, safe)
+    return 0 if safe else 1
+
+
+def print_attack_report(target, results, counts, strength, safe):
+    narrator = Narrator(sys.stdout)
+    width = min(max(shutil.get_terminal_size((100, 24)).columns, 60), 100) - 1
+    for line in textwrap.wrap(f"Attacking {target.url}, your own server: a genuine token, which "
+                              f"it accepts, forged {len(results)} ways, each sent to GET "
+                              f"/users/getInfo.", width):
+        narrator.say(line)
+    check = None
+    for result in results:
+        if result["check"] != check:        # the attacks come grouped by the step they aim at
+            check = result["check"]
+            narrator.say()
+            heading = textwrap.wrap(f"{check}: {CHECKS[check]}", width)
+            narrator.say(narrator.paint(heading[0], "bold"))
+            for line in heading[1:]:
+                narrator.say(narrator.paint(line, "bold"))
+        for line in attack_lines(result, narrator, width):
+            narrator.say(line)
+    for line in secret_lines(strength, narrator):
+        narrator.say(line)
+    narrator.say()
+    narrator.say(f"{len(results)} attacks: {counts['refused']} refused, {counts['ACCEPTED']} "
+                 f"ACCEPTED, {counts['unclear']} unclear, {counts['skipped']} skipped.")
+    if not safe:
+        narrator.say(narrator.paint("Verdict: VULNERABLE (see above).", "fail"))
+    elif counts["skipped"]:
+        narrator.say(narrator.paint("Verdict: every attack sent was refused and the secret was "
+                                    f"not guessed ({counts['skipped']} could not be made here).",
+                                    "ok"))
+    else:
+        narrator.say(narrator.paint("Verdict: every attack was refused and the secret was not "
+                                    "guessed.", "ok"))
+
+
 # ---------------------------------------------------------------------------
 # 14. Main: the command line's parser, and main()
 # ---------------------------------------------------------------------------
@@ -3876,7 +4141,7 @@ def username_argument(text):
 
 
 def build_parser():
-    """python authserver.py [--host H] [--port P] [...] | adduser | passwd | token | explain"""
+    """python authserver.py [--host H] [--port P] [...] | adduser | passwd | ... | attack"""
     parser = argparse.ArgumentParser(
         prog="authserver.py", description=(
             "A JWT login server, standard library only. With no command it serves: the API "
@@ -3953,6 +4218,30 @@ def build_parser():
         "up in the sessions file."))
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
     explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
+
+    attacks = commands.add_parser("attack", parents=[files],
+                                  help="fire the classic JWT attacks at a server",
+                                  description=(
+        "For your own servers only. Get a genuine token (by logging in, or --token), forge "
+        "from it each classic JWT attack (alg none, an edited payload, a guessable key, "
+        "another algorithm, a key named in the header, an expired token, ...), send each to "
+        "GET /users/getInfo, and say for each whether the server refused it, and which check "
+        "of authserver.py did; then try a wordlist against the token's key, offline. Exit 0 "
+        "when every attack was refused and the key was not guessed, 1 otherwise, 2 when "
+        "the server could not be reached or the login failed. A login's session is logged "
+        "out at the end. Attacks that need the server's key are made only where its secret "
+        "is (run beside the server, with its config)."))
+    attacks.add_argument("--url", help="the server (default: the one the config "
+                                "describes, on this machine)")
+    attacks.add_argument("--user", type=username_argument, help="log in as this user")
+    attacks.add_argument("--password", help="the user's password (default: asked "
+                                "for, or read from stdin)")
+    attacks.add_argument("--token", help="forge from this token instead of logging in")
+    attacks.add_argument("--tls-cert", default=argparse.SUPPRESS,
+                                help="trust this certificate (for https with a self-signed one)")
+    attacks.add_argument("--json", action="store_true",
+                                help="print the results as one JSON document")
+    attacks.set_defaults(action=attack_command)
     return parser
 
 

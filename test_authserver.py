@@ -5680,3 +5680,295 @@ class TestAttackRoute(SessionsCase):
         status, answer = self.client.request("GET", "/attacks", headers=bearer(
             token_for(secret="another-secret-that-is-32-bytes-long!")))[::2]
         self.assertEqual((status, answer["message"]), (401, "invalid signature"))
+
+
+class VulnerableServer(http.server.ThreadingHTTPServer):
+    """A deliberately broken stand-in for a JWT server, for the attack command to catch.
+
+    Its tokens are signed with key; flaw "none" also takes any token whose header says alg
+    none, unchecked, as the libraries of 2015 did. Every request it gets is recorded.
+    """
+
+    def __init__(self, test, key, flaw=None):
+        super().__init__(("127.0.0.1", 0), VulnerableHandler)
+        self.key, self.flaw, self.requests = key, flaw, []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        test.addCleanup(thread.join)
+        test.addCleanup(self.server_close)
+        test.addCleanup(self.shutdown)
+
+    def verify(self, token):
+        """The claims, or TokenError: decode_token with its key, unless the flaw lets it by."""
+        if self.flaw == "none":
+            header = json.loads(b64url_decode(token.split(".")[0] + "=" * 0) or b"{}")
+            if str(header.get("alg", "")).lower() == "none":
+                return json.loads(b64url_decode(token.split(".")[1]))
+        return decode_token(token, self.key)
+
+
+class VulnerableHandler(http.server.BaseHTTPRequestHandler):
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.requests.append(("POST", self.path, body))
+        credentials = json.loads(body)
+        if credentials.get("username") == "test" and credentials.get("password") == b64("test"):
+            self.answer(200, {"token": token_for(secret=self.server.key), "expiresIn": 3600})
+        else:
+            self.answer(400, {"message": "Username or password is incorrect"})
+
+    def do_GET(self):
+        token = self.headers.get("Authorization", "").partition(" ")[2]
+        self.server.requests.append(("GET", self.path, token))
+        try:
+            claims = self.server.verify(token)
+        except (TokenError, ValueError) as error:
+            self.answer(401, {"error": True, "name": "JsonWebTokenError", "message": str(error)})
+        else:
+            self.answer(200, {"id": claims.get("id"), "username": claims.get("username")})
+
+    def log_message(self, *args):
+        pass
+
+
+class Terminal(io.StringIO):
+    """A StringIO that says it is a terminal, so the output is in colour."""
+
+    def isatty(self):
+        return True
+
+
+def run_attack(*args, stdin=None, guesses=None, stdout=None):
+    """main(["attack", ...]) in this process: (exit code, stdout, stderr).
+
+    guesses: what the offline search tries (default: the whole wordlist's 101,101)."""
+    with contextlib.ExitStack() as patches:
+        if guesses is not None:
+            patches.enter_context(mock.patch.object(authserver, "wordlist_guesses",
+                                                    lambda: iter(guesses)))
+        patches.enter_context(mock.patch.dict(os.environ, {"COLUMNS": "100"}))
+        if stdout is None:
+            return main_in_process("attack", *args, stdin=stdin)
+        err = io.StringIO()
+        patches.enter_context(mock.patch("sys.stdout", stdout))
+        patches.enter_context(mock.patch("sys.stderr", err))
+        code = authserver.main(["attack", *map(str, args)])
+        return code, stdout.getvalue(), err.getvalue()
+
+
+FEW_GUESSES = ["", "secret", "password"]       # for tests that do not look at the search
+
+
+class TestAttackCommand(unittest.TestCase):
+    """python authserver.py attack, against a real server and against broken stand-ins."""
+
+    @classmethod
+    def setUpClass(cls):
+        scope = ClassScope(cls)
+        cls.files = Files(scope, passwordIterations=FAST_ITERATIONS)
+        cls.server = start_server(scope, cls.files)
+        cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}"
+
+    def attack_json(self, *args, **options):
+        code, out, err = run_attack(*args, "--json", **options)
+        self.assertEqual(err, "")
+        return code, json.loads(out)
+
+    def test_a_real_server_refuses_every_attack_by_the_step_it_names(self):
+        code, report = self.attack_json("--config", self.files.config, "--url", self.url,
+                                        "--user", "test", "--password", "test")
+        self.assertEqual(code, 0)
+        self.assertEqual(report["counts"], {"refused": len(authserver.ATTACKS), "ACCEPTED": 0,
+                                            "unclear": 0, "skipped": 0})
+        self.assertEqual([result["name"] for result in report["attacks"]],
+                         [attack.name for attack in authserver.ATTACKS])
+        for result in report["attacks"]:
+            with self.subTest(result["name"]):
+                self.assertEqual((result["status"], result["answer"], result["refusedBy"]),
+                                 (401, result["message"], result["check"]))
+        self.assertEqual((report["secret"]["found"], report["secret"]["guesses"]),
+                         (False, 101101))
+        self.assertGreater(report["secret"]["perSecond"], 0)
+        self.assertEqual(report["secret"]["configuredBits"], 256)
+        self.assertTrue(report["ok"])
+        # The login's session was logged out: the tokens in the report are dead.
+        self.assertEqual(self.server.sessions.sessions_of("test", time.time(), None), [])
+
+    def test_the_report_says_for_each_attack_what_it_tried_and_what_refused_it(self):
+        code, out, err = run_attack("--config", self.files.config, "--url", self.url,
+                                    "--user", "test", stdin="test\n", guesses=FEW_GUESSES)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("\nread_header: the server decides the algorithm (HS256), never the "
+                      "token;", out)
+        self.assertIn('  refused  alg "none", no signature\n'
+                      '           a header saying the token is not signed at all (an '
+                      '"unsecured JWT")\n           eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.', out)
+        self.assertIn("\n           401 invalid algorithm: refused by read_header (RFC 8725 "
+                      "§2.1, §3.1)\n", out)
+        self.assertIn("\n           401 jwt expired: refused by check_claims (RFC 7519 "
+                      "§4.1.4)\n", out)
+        # The 11,000-character token is cut to fit the line; the count says how long it was.
+        oversized = re.search(r"oversized token\n.*\n( +eyJ\S+\.\.\. \((\d+) characters\))\n",
+                              out)
+        self.assertLessEqual(len(oversized.group(1)), 99)
+        self.assertGreater(int(oversized.group(2)), authserver.MAX_TOKEN_BYTES)
+        self.assertIn("\n  3 guesses from the wordlist", out)
+        self.assertIn(f"\n{len(authserver.ATTACKS)} attacks: {len(authserver.ATTACKS)} refused, "
+                      f"0 ACCEPTED, 0 unclear, 0 skipped.\nVerdict: every attack was refused "
+                      f"and the secret was not guessed.\n", out)
+        self.assertTrue(all(len(line) <= 100 for line in out.splitlines()), out)
+
+    def test_without_the_servers_key_the_attacks_that_need_it_are_skipped(self):
+        other = Files(self, secret="another-secret-that-is-32-bytes-long!")
+        code, report = self.attack_json("--config", other.config, "--url", self.url,
+                                        "--user", "test", "--password", "test",
+                                        guesses=FEW_GUESSES)
+        skipped = [result["name"] for result in report["attacks"]
+                   if result["verdict"] == "skipped"]
+        self.assertEqual(skipped, [attack.name for attack in authserver.ATTACKS
+                                   if attack.needs == "key"])
+        self.assertEqual((code, report["counts"]["ACCEPTED"], report["secret"]["configuredBits"]),
+                         (0, 0, None))
+        code, out, _ = run_attack("--config", other.config, "--url", self.url, "--user", "test",
+                                  "--password", "test", guesses=FEW_GUESSES)
+        self.assertIn("  skipped  expired token replayed\n", out)
+        self.assertIn("needs the server's key: run attack beside the server, with its config", out)
+
+    def test_from_a_token_the_refresh_token_attack_is_skipped_and_nothing_is_logged_out(self):
+        token = json.loads(exchange(self.server, "POST", "/users/authenticate",
+                                    login_body())[2])["token"]
+        code, report = self.attack_json("--config", self.files.config, "--url", self.url,
+                                        "--token", token, guesses=FEW_GUESSES)
+        self.assertEqual(code, 0)
+        [skipped] = [result for result in report["attacks"] if result["verdict"] == "skipped"]
+        self.assertEqual(skipped["needs"], "refresh token")
+        self.assertEqual(exchange(self.server, "GET", "/users/getInfo",
+                                  headers=bearer(token))[0], 200)
+
+    def test_a_server_that_takes_alg_none_is_reported_vulnerable_in_red_exit_1(self):
+        stand_in = VulnerableServer(self, SECRET, flaw="none")
+        code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
+                                        "--user", "test", "--password", "test",
+                                        guesses=FEW_GUESSES)
+        self.assertEqual(code, 1)
+        accepted = [result["name"] for result in report["attacks"]
+                    if result["verdict"] == "ACCEPTED"]
+        self.assertEqual(accepted, [f'alg "{alg}", {kind}' for alg in ("none", "None", "NONE")
+                                    for kind in ("no signature", "signature kept")]
+                         + ['alg "none" in JSON escapes', 'alg twice: "HS256", then "none"'])
+        self.assertFalse(report["ok"])
+        code, out, _ = run_attack("--config", self.files.config, "--url", stand_in.url,
+                                  "--user", "test", "--password", "test", guesses=FEW_GUESSES,
+                                  stdout=Terminal())
+        self.assertEqual(code, 1)
+        self.assertIn('\033[31mACCEPTED\033[0m alg "none", no signature\n', out)
+        self.assertIn("200 None: \033[31mthe server accepted a forged token: it is "
+                      "vulnerable", out.replace("\033[2m", "").replace("200 None", "200 None"))
+        self.assertIn("\033[31mVerdict: VULNERABLE (see above).\033[0m", out)
+
+    def test_a_server_signing_with_secret_is_caught_online_and_offline_and_never_shown(self):
+        stand_in = VulnerableServer(self, "secret")
+        code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
+                                        "--user", "test", "--password", "test")
+        self.assertEqual(code, 1)
+        self.assertEqual([result["name"] for result in report["attacks"]
+                          if result["verdict"] == "ACCEPTED"], ['signed with "secret"'])
+        self.assertTrue(report["secret"]["found"])
+        # A key the online attacks do not try, found offline, and shown nowhere.
+        stand_in = VulnerableServer(self, "Jwt_secret42")
+        code, out, _ = run_attack("--config", self.files.config, "--url", stand_in.url,
+                                  "--user", "test", "--password", "test")
+        self.assertEqual(code, 1)
+        self.assertIn("The server's secret was found in the wordlist: change it. (It is not "
+                      "shown here.)", out)
+        self.assertNotIn("Jwt_secret42", out)
+        code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
+                                        "--user", "test", "--password", "test")
+        self.assertNotIn("Jwt_secret42", json.dumps(report))
+        self.assertEqual((code, report["secret"]["found"], report["counts"]["ACCEPTED"]),
+                         (1, True, 0))
+
+    def test_every_request_goes_to_the_url_given_and_headers_name_loopback_only(self):
+        stand_in = VulnerableServer(self, SECRET)
+        code, _ = self.attack_json("--config", self.files.config, "--url", stand_in.url,
+                                   "--user", "test", "--password", "test", guesses=FEW_GUESSES)
+        self.assertEqual(code, 0)
+        self.assertEqual([request[:2] for request in stand_in.requests],
+                         [("POST", "/users/authenticate")]
+                         + [("GET", "/users/getInfo")] * len(authserver.ATTACKS))
+        forgery = authserver.Forgery(token_for(), SECRET.encode(), "R" * 43)
+        for attack in authserver.ATTACKS:
+            header = authserver.header_text(authserver.forged(attack, forgery)) or "{}"
+            for name in ("jku", "x5u"):
+                value = json.loads(header).get(name) if header.startswith("{") else None
+                if value:
+                    self.assertIn(urllib.parse.urlsplit(value).hostname, ("127.0.0.1", "::1"))
+
+    def test_what_cannot_be_done_is_one_line_and_exit_2(self):
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        cases = [
+            (("--url", f"http://127.0.0.1:{port}", "--token", token_for()),
+             f"authserver: http://127.0.0.1:{port}: [Errno"),
+            (("--url", self.url), "authserver: attack needs a genuine token to forge from:"),
+            (("--url", self.url, "--user", "test", "--password", "wrong"),
+             f"authserver: logging in as 'test' at {self.url}: 400 "),
+            (("--url", self.url, "--token", token_for(lifetime=-10)),
+             "authserver: the genuine token itself is refused: 401 jwt expired"),
+            (("--url", self.url, "--token", "not-a-token"),
+             "authserver: the genuine token is not a JWT"),
+            (("--url", "ftp://127.0.0.1/", "--token", "x"), "authserver: --url 'ftp://127.0.0.1/'"),
+            (("--url", "http://127.0.0.1:99999", "--token", "x"),
+             "authserver: --url 'http://127.0.0.1:99999'"),
+        ]
+        for args, first_line in cases:
+            with self.subTest(args=args):
+                code, out, err = run_attack("--config", self.files.config, *args,
+                                            guesses=FEW_GUESSES)
+                self.assertEqual((code, out), (2, ""))
+                self.assertTrue(err.startswith(first_line), err)
+                self.assertEqual(err.count("\n"), 1, err)
+
+    def test_https_with_the_servers_certificate(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        (files.folder / "cert.pem").write_text(TestTLS.CERT)
+        (files.folder / "key.pem").write_text(TestTLS.KEY)
+        context = authserver.make_tls_context(files.folder / "cert.pem", files.folder / "key.pem")
+        server = start_server(self, files, tls_context=context)
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        code, report = self.attack_json("--config", files.config, "--url", url, "--tls-cert",
+                                        files.folder / "cert.pem", "--user", "test",
+                                        "--password", "test", guesses=FEW_GUESSES)
+        self.assertEqual((code, report["counts"]["refused"]), (0, len(authserver.ATTACKS)))
+        code, out, err = run_attack("--config", files.config, "--url", url, "--token",
+                                    token_for(), guesses=FEW_GUESSES)
+        self.assertEqual(code, 2)
+        self.assertIn("to trust a self-signed certificate, give it: --tls-cert cert.pem", err)
+
+    def test_the_default_url_is_the_configs_server(self):
+        files = Files(self, port=self.server.server_address[1], host="0.0.0.0")
+        code, report = self.attack_json("--config", files.config, "--token", token_for(),
+                                        guesses=FEW_GUESSES)
+        self.assertEqual((code, report["url"]), (0, self.url))
+
+    def test_as_a_command_exit_codes_and_no_traceback(self):
+        stand_in = VulnerableServer(self, SECRET, flaw="none")
+        result = run_cli("attack", "--config", self.files.config, "--url", stand_in.url,
+                         "--token", token_for(), "--json")
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
+        self.assertFalse(json.loads(result.stdout)["ok"])
+        result = run_cli("attack", "--config", self.files.config, "--url", self.url,
+                         "--token", token_for(), "--json")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
