@@ -897,21 +897,21 @@ def wordlist_guesses():
 
 
 def guess_secret(token, guesses):
-    """(found, tried, seconds): try each guess as the key of token's signature, offline.
+    """(found, tried, seconds): try every guess as the key of token's signature, offline.
 
     found is a bool, never the key: whoever runs this learns that the key is weak, and
-    what says so can be pasted anywhere.
+    what says so can be pasted anywhere. The search goes on after a find, to the end of
+    the list, so that the rate it measures is the same either way.
     """
     header_segment, payload_segment, signature_segment = split_token(token)
     signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
     signature = b64url_decode(signature_segment)
-    tried, started = 0, time.perf_counter()
+    found, tried, started = False, 0, time.perf_counter()
     for guess in guesses:
         tried += 1
-        if hmac.compare_digest(hmac.digest(guess.encode("utf-8"), signing_input, "sha256"),
-                               signature):
-            return True, tried, time.perf_counter() - started
-    return False, tried, time.perf_counter() - started
+        found |= hmac.compare_digest(hmac.digest(guess.encode("utf-8"), signing_input,
+                                                 "sha256"), signature)
+    return found, tried, time.perf_counter() - started
 
 
 SECONDS_PER_YEAR = 365.25 * 86400
@@ -4009,39 +4009,53 @@ SKIP_REASONS = {
 }
 
 
+VERDICT_MARKS = {"refused": ("refused ", "ok"), "ACCEPTED": ("ACCEPTED", "fail"),
+                 "unclear": ("unclear ", "fail"), "skipped": ("skipped ", "dim")}
+
+
 def attack_lines(result, narrator, width):
-    """One attack's four lines: verdict and name, what it tries, its token, the answer."""
-    token = result["token"] or ""
+    """One attack's lines: verdict and name, what it tries, its token cut to fit, the answer."""
+    mark, style = VERDICT_MARKS[result["verdict"]]
+    lines = [f"  {narrator.paint(mark, style)} {result['name']}",
+             *indented(result["tries"], width, narrator)]
+    if result["verdict"] == "skipped":
+        return lines + indented(SKIP_REASONS[result["needs"]], width, narrator)
+    token = result["token"]
     room, cut = width - len(ATTACK_INDENT), f"... ({len(token)} characters)"
     shown = token if len(token) <= room else token[:room - len(cut)] + cut
-    mark = {"refused": ("refused ", "ok"), "ACCEPTED": ("ACCEPTED", "fail"),
-            "unclear": ("unclear ", "fail"), "skipped": ("skipped ", "dim")}[result["verdict"]]
-    lines = [f"  {narrator.paint(mark[0], mark[1])} {result['name']}",
-             *indented(result["tries"], width)]
-    if result["verdict"] == "skipped":
-        return lines + indented(SKIP_REASONS[result["needs"]], width)
-    answer = f"{result['status']} {printable(str(result['answer']))}"
-    if result["verdict"] == "ACCEPTED":
-        outcome = narrator.paint(f"the server accepted a forged token: it is vulnerable "
-                                 f"({result['reference']})", "fail")
-    elif result["verdict"] == "unclear":
-        outcome = "neither accepted nor refused: try again"
-    elif result["refusedBy"] == result["check"]:
-        outcome = f"refused by {result['check']} ({result['reference']})"
-    else:
-        outcome = (f"refused by {result['refusedBy'] or 'a check this tool does not know'}, "
-                   f"where {result['check']} should have ({result['reference']})")
+    said = result["answer"] if result["answer"] is not None else status_phrase(result["status"])
     return lines + [f"{ATTACK_INDENT}{narrator.paint(shown, 'dim')}",
-                    *indented(f"{answer}: {outcome}", width)]
+                    *indented(f"{result['status']} {printable(str(said))}: {attack_outcome(result)}",
+                              width, narrator, "fail" if style == "fail" else None)]
+
+
+def attack_outcome(result):
+    """What the answer to a sent attack means."""
+    if result["verdict"] == "ACCEPTED":
+        return f"the server accepted a forged token: it is vulnerable ({result['reference']})"
+    if result["verdict"] == "unclear":
+        return "neither accepted nor refused: try again"
+    if result["refusedBy"] == result["check"]:
+        return f"refused by {result['check']} ({result['reference']})"
+    return (f"refused by {result['refusedBy'] or 'a check this tool does not know'}, where "
+            f"{result['check']} should have ({result['reference']})")
+
+
+def status_phrase(status):
+    """ "OK" for 200: what to show of an answer without a message."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 ATTACK_INDENT = " " * 11
 
 
-def indented(text, width):
-    """text in lines of at most width characters, under an attack's name."""
-    return textwrap.wrap(text, width, initial_indent=ATTACK_INDENT,
-                         subsequent_indent=ATTACK_INDENT, break_on_hyphens=False)
+def indented(text, width, narrator, style=None):
+    """text in lines of at most width characters under an attack's name, painted in style."""
+    return [ATTACK_INDENT + (narrator.paint(line, style) if style else line)
+            for line in textwrap.wrap(text, width - len(ATTACK_INDENT), break_on_hyphens=False)]
 
 
 def secret_lines(strength, narrator):
