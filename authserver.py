@@ -3925,7 +3925,22 @@ def answer_of(data):
         answer = None
     if isinstance(answer, dict):
         return answer
-    return {"message": data.decode("utf-8", "replace").strip()[:200]}
+    text = data.decode("utf-8", "replace").strip()[:200]
+    return {"message": text} if text else {}
+
+
+def answer_text(status, answer):
+    """ "401 invalid signature", or "302 Found" for an answer that has no message."""
+    message = answer.get("message")
+    return f"{status} {printable(str(message if message is not None else status_phrase(status)))}"
+
+
+def status_phrase(status):
+    """ "OK" for 200: what to show of an answer without a message."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def default_url(config, tls_cert):
@@ -3951,8 +3966,8 @@ def genuine_token(args, target):
     status, answer = target.send("POST", "/users/authenticate", body,
                                  {"Content-Type": "application/json"})
     if status != 200 or not isinstance(answer.get("token"), str):
-        raise ConfigError(f"logging in as {args.user!r} at {target.url}: {status} "
-                          f"{printable(str(answer.get('message', answer)))}")
+        raise ConfigError(f"logging in as {args.user!r} at {target.url}: "
+                          f"{answer_text(status, answer)}")
     refresh_token = answer.get("refreshToken")
     return answer["token"], refresh_token if isinstance(refresh_token, str) else None
 
@@ -4023,10 +4038,10 @@ def attack_lines(result, narrator, width):
     token = result["token"]
     room, cut = width - len(ATTACK_INDENT), f"... ({len(token)} characters)"
     shown = token if len(token) <= room else token[:room - len(cut)] + cut
-    said = result["answer"] if result["answer"] is not None else status_phrase(result["status"])
+    answer = answer_text(result["status"], {"message": result["answer"]})
     return lines + [f"{ATTACK_INDENT}{narrator.paint(shown, 'dim')}",
-                    *indented(f"{result['status']} {printable(str(said))}: {attack_outcome(result)}",
-                              width, narrator, "fail" if style == "fail" else None)]
+                    *indented(f"{answer}: {attack_outcome(result)}", width, narrator,
+                              "fail" if style == "fail" else None)]
 
 
 def attack_outcome(result):
@@ -4039,14 +4054,6 @@ def attack_outcome(result):
         return f"refused by {result['check']} ({result['reference']})"
     return (f"refused by {result['refusedBy'] or 'a check this tool does not know'}, where "
             f"{result['check']} should have ({result['reference']})")
-
-
-def status_phrase(status):
-    """ "OK" for 200: what to show of an answer without a message."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
 
 
 ATTACK_INDENT = " " * 11
@@ -4093,8 +4100,7 @@ def attack_command(args):
     status, answer = target.send("GET", "/users/getInfo",
                                  headers={"Authorization": f"Bearer {token}"})
     if status != 200:   # then a refusal of a forgery would prove nothing
-        raise ConfigError(f"the genuine token itself is refused: {status} "
-                          f"{printable(str(answer.get('message')))}")
+        raise ConfigError(f"the genuine token itself is refused: {answer_text(status, answer)}")
     results = [run_attack(attack, forgery, target) for attack in ATTACKS]
     strength = secret_strength(token, forgery.key)
     if refresh_token:    # leave no session behind: the tokens printed below are dead

@@ -5914,6 +5914,39 @@ class TestAttackCommand(unittest.TestCase):
                 if value:
                     self.assertIn(urllib.parse.urlsplit(value).hostname, ("127.0.0.1", "::1"))
 
+    def test_no_redirect_is_followed_and_no_proxy_used(self):
+        elsewhere = socket.socket()                 # what a redirect or a proxy would reach
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen(8)
+        elsewhere.setblocking(False)
+        self.addCleanup(elsewhere.close)
+        other = f"http://127.0.0.1:{elsewhere.getsockname()[1]}"
+
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", f"{other}/users/getInfo")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        thread = threading.Thread(target=redirecting.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(redirecting.server_close)
+        self.addCleanup(redirecting.shutdown)
+        proxies = {name: other for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY")}
+        with mock.patch.dict(os.environ, proxies):
+            code, out, err = run_attack("--config", self.files.config, "--url",
+                                        f"http://127.0.0.1:{redirecting.server_address[1]}",
+                                        "--token", token_for(), guesses=FEW_GUESSES)
+        self.assertEqual((code, out, err), (2, "", "authserver: the genuine token itself is "
+                                                   "refused: 302 Found\n"))
+        with self.assertRaises(BlockingIOError):
+            elsewhere.accept()
+
     def test_what_cannot_be_done_is_one_line_and_exit_2(self):
         closed = socket.socket()
         closed.bind(("127.0.0.1", 0))
