@@ -5722,8 +5722,13 @@ class VulnerableHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.requests.append(("POST", self.path, body))
         credentials = json.loads(body)
-        if credentials.get("username") == "test" and credentials.get("password") == b64("test"):
-            self.answer(200, {"token": token_for(secret=self.server.key), "expiresIn": 3600})
+        if self.path == "/users/logout":            # flaw "logout": it fails
+            self.answer(500, {"message": "the database is down"})
+        elif credentials.get("username") == "test" and credentials.get("password") == b64("test"):
+            login = {"token": token_for(secret=self.server.key), "expiresIn": 3600}
+            if self.server.flaw == "logout":
+                login["refreshToken"] = "R" * 43
+            self.answer(200, login)
         else:
             self.answer(400, {"message": "Username or password is incorrect"})
 
@@ -5946,6 +5951,16 @@ class TestAttackCommand(unittest.TestCase):
                                                    "refused: 302 Found\n"))
         with self.assertRaises(BlockingIOError):
             elsewhere.accept()
+
+    def test_a_session_that_cannot_be_logged_out_is_said_to_be_live(self):
+        stand_in = VulnerableServer(self, SECRET, flaw="logout")
+        code, out, err = run_attack("--config", self.files.config, "--url", stand_in.url,
+                                    "--user", "test", "--password", "test", guesses=FEW_GUESSES)
+        self.assertEqual(code, 0)
+        self.assertEqual(err, "authserver: the attack's session was not logged out (the "
+                              "database is down): its tokens below are live until they expire\n")
+        self.assertEqual(stand_in.requests[-1][:2], ("POST", "/users/logout"))
+        self.assertIn("Verdict: every attack was refused", out)
 
     def test_what_cannot_be_done_is_one_line_and_exit_2(self):
         closed = socket.socket()
