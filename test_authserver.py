@@ -6017,3 +6017,315 @@ class TestAttackCommand(unittest.TestCase):
                          "--token", token_for(), "--json")
         self.assertEqual((result.returncode, result.stderr), (1, ""))
         self.assertFalse(json.loads(result.stdout)["ok"])
+
+
+# ---------------------------------------------------------------------------
+# The page's "Attack it" panel (issue 12): GET /attacks, each forgery sent to getInfo
+# ---------------------------------------------------------------------------
+
+class TestLabPageServed(unittest.TestCase):
+    """The panel as served: its ids, and no word of the attack list written into the page."""
+
+    @classmethod
+    def setUpClass(cls):
+        server = start_server(ClassScope(cls))
+        client = Client(server)
+        cls.status, _, body = client.request("GET", "/")
+        client.close()
+        cls.html = body.decode("utf-8")
+        cls.script = page_scripts(cls.html)
+
+    def test_the_panels_ids_are_there_once(self):
+        self.assertEqual(self.status, 200)
+        for element_id in ("attackBtn", "attackResult", "attackTable", "attackRows",
+                           "attackChecks"):
+            self.assertEqual(len(re.findall(rf"""id=['"]{element_id}['"]""", self.html)), 1,
+                             element_id)
+        self.assertRegex(self.html, r'<table id="attackTable" [^>]*hidden>')
+        self.assertIn("$('attackBtn').onclick = attackIt", self.script)
+
+    def test_names_tries_checks_and_references_come_only_from_the_server(self):
+        for attack in authserver.ATTACKS:
+            for text in (attack.name, attack.tries, attack.reference):
+                self.assertNotIn(text, self.html)
+        for check, guarantee in authserver.CHECKS.items():
+            self.assertNotIn(check, self.html)
+            self.assertNotIn(guarantee, self.html)
+
+    def test_what_a_server_sends_is_written_as_text_never_as_html(self):
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+            self.assertNotIn(sink, self.script)
+
+
+class AttackStub(TutorialStub):
+    """A vulnerable stand-in: a login answers a token and no refresh token, GET /attacks
+    the forgeries it is given (404 for None), and getInfo takes a token whose header says
+    alg none; any other, 401 invalid signature. release holds GET /attacks while clear."""
+
+    def __init__(self, test, attacks=None):
+        super().__init__(test)
+        self.RequestHandlerClass = AttackStubHandler      # no request has come yet
+        self.attacks, self.paths, self.issued = attacks, [], []
+        self.release = threading.Event()
+        self.release.set()
+        test.addCleanup(self.release.set)                 # runs before the stub stops
+
+    def pair(self):
+        self.issued.append(token_for())
+        return {"token": self.issued[-1], "expiresIn": 3600}
+
+
+class AttackStubHandler(LifecycleStubHandler):
+
+    def do_GET(self):
+        stub = self.server
+        stub.paths.append(self.path)
+        stub.bearer.append(self.headers.get("Authorization", "").partition(" ")[2])
+        if self.path == "/attacks" and stub.release.wait(30) and stub.attacks is None:
+            self.answer(404, {"error": True, "message": "Not found"})
+        elif self.path == "/attacks":
+            self.answer(200, {"target": "GET /users/getInfo", "checks": authserver.CHECKS,
+                              "messages": authserver.MESSAGE_CHECKS, "attacks": stub.attacks})
+        elif json.loads(authserver.header_text(stub.bearer[-1]) or "{}").get("alg") == "none":
+            self.answer(200, {"id": 81623, "username": "admin"})
+        else:
+            self.answer(401, {"error": True, "name": "JsonWebTokenError",
+                              "message": "invalid signature"})
+
+
+# A forgery that can come without a token: "base64's other alphabet" needs a - or _ in the
+# genuine token, which about one token in three lacks (ASCII JSON seldom encodes to them).
+# This user's payload always has a "_": the "?" ends a group of three bytes.
+ATTACKER = make_user(81624, "attacker?", "attacker")
+ATTACKER_LOGIN = ("attacker?", "attacker")
+# Each row of the panel, as the reader sees it.
+ATTACK_ROWS = """[...document.querySelectorAll('#attackRows tr')].map(row => {
+  const lines = [...row.cells].map(cell => [...cell.children].map(line => line.textContent))
+  return {name: lines[0][0], tries: lines[0][1], header: lines[1][0], token: lines[1][1],
+          answer: lines[2] && lines[2][0], verdict: lines[3] && lines[3][0],
+          reference: lines[3] && lines[3][1], explanation: row.cells[3] && row.cells[3].title,
+          red: !!(row.cells[3] && row.cells[3].querySelector('.bad')), focusable: row.tabIndex === 0}
+})"""
+SHOWN_EXCHANGE = ("['httpRequest', 'httpStatus', 'output']"
+                  ".map(id => document.getElementById(id).textContent)")
+NO_SIDEWAYS_SCROLL = ("document.documentElement.scrollWidth === "
+                      "document.documentElement.clientWidth")
+HOSTILE_HEADER = '{"alg":"<img src=x onerror=\\"document.title=\'pwned\'\\">","typ":"JWT"}'
+
+
+@unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
+class TestLabPageAttackIt(unittest.TestCase):
+    """Attack it in headless Chromium: against the server that served the page, against it
+    from disk (?api=), and against a vulnerable stand-in."""
+
+    @classmethod
+    def setUpClass(cls):
+        scope = ClassScope(cls)
+        cls.server = start_server(scope, Files(scope, users=TEST_USERS + [ATTACKER]))
+        cls.browser = Browser(scope)
+        cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}/"
+        genuine = authserver.Forgery(token_for(), SECRET)
+        named = {attack.name: attack for attack in authserver.ATTACKS}
+        none, removed, refresh, alphabet = (named[name] for name in (
+            'alg "none", no signature', "signature removed", "refresh token as an access token",
+            "base64's other alphabet"))
+        hostile = authserver.unsigned(HOSTILE_HEADER, genuine.claims)
+        cls.stub_attacks = [authserver.attack_fields(none, none.forge(genuine)),
+                            authserver.attack_fields(removed, removed.forge(genuine)),
+                            {"name": "<b>bold</b>", "tries": "<i>markup</i>", "check":
+                             "read_header", "message": "invalid algorithm", "reference": "<u>",
+                             "needs": None, "token": hostile, "header": HOSTILE_HEADER},
+                            authserver.attack_fields(refresh, None),
+                            authserver.attack_fields(alphabet, None)]
+        cls.stub = AttackStub(scope, cls.stub_attacks)
+        disk = (HERE / "test.html").as_uri() + "?api="
+        # Three runs at once, in one browser: served (on a phone), from disk, the stand-in.
+        cls.tabs = {"served": cls.browser.open(cls.url, 390, 844),
+                    "disk": cls.browser.open(disk + cls.url.rstrip("/")),
+                    "vulnerable": cls.browser.open(disk + cls.stub.url)}
+        for name, tab in cls.tabs.items():
+            cls.start_login(tab, *(("test", "test") if name == "vulnerable" else ATTACKER_LOGIN))
+        for tab in cls.tabs.values():
+            tab.result()
+        cls.tabs["vulnerable"].click("tamperBtn")   # the box edited: the issued token is sent
+        for tab in cls.tabs.values():
+            tab.click("attackBtn")
+        cls.summary = {name: cls.finished(tab) for name, tab in cls.tabs.items()}
+        cls.rows = {name: tab.evaluate(ATTACK_ROWS) for name, tab in cls.tabs.items()}
+
+    @staticmethod
+    def start_login(tab, username="test", password="test"):
+        tab.wait_for("document.readyState === 'complete'")
+        tab.evaluate(f"document.getElementById('id_username').value = {json.dumps(username)};"
+                     f"document.getElementById('id_password').value = {json.dumps(password)};"
+                     "document.getElementById('btn').click()")
+
+    @staticmethod
+    def finished(tab):
+        """The panel's line once every attack has had its answer."""
+        return tab.wait_for("(line => / attacks: /.test(line.textContent) && "
+                            "[line.textContent, line.className])"
+                            "(document.getElementById('attackResult'))")
+
+    def assert_all_refused_where_they_say(self, name):
+        rows = self.rows[name]
+        self.assertEqual(self.summary[name], [f"{len(authserver.ATTACKS)} attacks: "
+                                              f"{len(authserver.ATTACKS)} refused", "ok"])
+        self.assertEqual(len(rows), len(authserver.ATTACKS))
+        self.assertRegex(self.tabs[name].evaluate("issuedToken"), r"^[^.]*\.[^.]*_")
+        for attack, row in zip(authserver.ATTACKS, rows):
+            with self.subTest(name=name, attack=attack.name):
+                self.assertEqual((row["name"], row["tries"]), (attack.name, attack.tries))
+                self.assertEqual(row["answer"], "401 Unauthorized: " + attack.message)
+                self.assertEqual((row["verdict"], row["reference"], row["explanation"]),
+                                 ("refused by " + attack.check, attack.reference,
+                                  authserver.CHECKS[attack.check]))
+                self.assertFalse(row["red"])
+                self.assertTrue(row["focusable"])
+
+    def test_served_every_attack_is_refused_by_the_check_it_names(self):
+        self.assert_all_refused_where_they_say("served")
+        legend = self.tabs["served"].evaluate(
+            "document.getElementById('attackChecks').textContent")
+        for check, guarantee in authserver.CHECKS.items():
+            self.assertIn(f"{check}: {guarantee}", legend)
+
+    def test_from_disk_the_attacks_go_to_the_server_named_in_api(self):
+        self.assert_all_refused_where_they_say("disk")
+        self.assertTrue(self.tabs["disk"].evaluate(NO_SIDEWAYS_SCROLL))
+
+    def test_rows_show_each_header_decoded_and_long_tokens_cut_even_on_a_phone(self):
+        tab = self.tabs["served"]
+        for attack, row in zip(authserver.ATTACKS, self.rows["served"]):
+            with self.subTest(attack.name):
+                self.assertLess(len(row["token"]), 70)
+                if attack.needs != "refresh token":
+                    self.assertIsNotNone(re.fullmatch(r"eyJ[\w=+/-]{29}… \((\d+) characters\)",
+                                                      row["token"]), row["token"])
+                    self.assertIn('"alg"', row["header"])
+        oversized = self.rows["served"][2]
+        self.assertGreater(int(re.search(r"\((\d+) characters", oversized["token"])[1]), 11000)
+        self.assertTrue(tab.evaluate(NO_SIDEWAYS_SCROLL))
+        self.assertEqual(tab.evaluate("document.documentElement.clientWidth"), 390)
+
+    def test_a_click_or_a_key_on_a_row_shows_its_exchange_with_the_whole_token(self):
+        tab = self.tabs["served"]
+        rows = self.rows["served"]
+        pick = "document.querySelectorAll('#attackRows tr')[%d]"
+        for index, how in ((2, "click"), (5, "Enter"), (30, " ")):
+            with self.subTest(how):
+                if how == "click":
+                    tab.evaluate(pick % index + ".click()")
+                else:
+                    tab.evaluate(pick % index + ".focus()")
+                    for kind in ("keyDown", "keyUp"):
+                        tab.call("Input.dispatchKeyEvent", type=kind, key=how,
+                                 code="Enter" if how == "Enter" else "Space",
+                                 windowsVirtualKeyCode=13 if how == "Enter" else 32)
+                request, status, body = tab.evaluate(SHOWN_EXCHANGE)
+                first, *headers = request.splitlines()
+                self.assertEqual(first, f"GET {self.url}users/getInfo")
+                token = headers[-1].partition("Authorization: Bearer ")[2]
+                shown = re.fullmatch(r"(.*)… \((\d+) characters\)", rows[index]["token"])
+                self.assertEqual((token[:len(shown[1])], len(token)),
+                                 (shown[1], int(shown[2])))
+                self.assertEqual(authserver.header_text(token), rows[index]["header"])
+                self.assertEqual(status, "401 Unauthorized")
+                self.assertEqual(json.loads(body)["message"],
+                                 authserver.ATTACKS[index].message)
+                self.assertEqual(tab.evaluate("document.querySelector('#attackRows tr.shown')"
+                                              ".rowIndex"), index + 1)   # the head is row 0
+
+    def test_the_refresh_token_row_sends_the_pages_own_and_shows_it_cut(self):
+        tab = self.tabs["served"]
+        index = [attack.needs for attack in authserver.ATTACKS].index("refresh token")
+        refresh_token = tab.evaluate("refreshToken")
+        cut = f"{refresh_token[:8]}…{refresh_token[-4:]} (kept in memory only)"
+        self.assertEqual(self.rows["served"][index]["token"], cut)
+        tab.evaluate(f"document.querySelectorAll('#attackRows tr')[{index}].click()")
+        request, status, body = tab.evaluate(SHOWN_EXCHANGE)
+        self.assertEqual(request.splitlines()[-1], "Authorization: Bearer " + cut)
+        self.assertEqual((status, json.loads(body)["message"]), ("401 Unauthorized",
+                                                                  "jwt malformed"))
+        self.assertNotIn(refresh_token, tab.evaluate("document.body.textContent"))
+
+    def test_a_vulnerable_server_gets_accepted_in_red_and_markup_stays_text(self):
+        tab = self.tabs["vulnerable"]
+        accepted, removed, hostile, refresh, alphabet = self.rows["vulnerable"]
+        self.assertEqual(self.summary["vulnerable"],
+                         ["5 attacks: 2 refused, 1 ACCEPTED, 2 skipped. ACCEPTED: this server "
+                          "took a forged token, it is vulnerable.", "bad"])
+        self.assertEqual((accepted["answer"], accepted["verdict"], accepted["red"]),
+                         ("200 OK", "ACCEPTED", True))
+        # Not the message the attack expects: the step is the one the message names.
+        self.assertEqual((removed["answer"], removed["verdict"]),
+                         ("401 Unauthorized: invalid signature", "refused by check_signature"))
+        self.assertEqual((hostile["name"], hostile["tries"], hostile["header"],
+                          hostile["reference"]),
+                         ("<b>bold</b>", "<i>markup</i>", HOSTILE_HEADER, "<u>"))
+        self.assertEqual(tab.evaluate("document.querySelectorAll('#attackTable b, "
+                                      "#attackTable i, #attackTable u, img').length"), 0)
+        self.assertNotEqual(tab.evaluate("document.title"), "pwned")
+        self.assertEqual((refresh["answer"], refresh["verdict"], refresh["focusable"]),
+                         ("not sent", "skipped: needs a refresh token, and the page has none",
+                          False))
+        self.assertEqual((alphabet["token"], alphabet["verdict"]), ("(none)", "skipped: the server "
+                         "sent no token for it (yours left it nothing to change)"))
+        # GET /attacks with the token the login gave (not the tampered one in the box), then
+        # the three forgeries, one at a time, in the order served.
+        self.assertEqual(self.stub.paths, ["/attacks"] + ["/users/getInfo"] * 3)
+        self.assertEqual(self.stub.bearer, self.stub.issued +
+                         [attack["token"] for attack in self.stub_attacks[:3]])
+        tab.evaluate("document.querySelectorAll('#attackRows tr')[0].click()")
+        request, status, body = tab.evaluate(SHOWN_EXCHANGE)
+        self.assertEqual(request.splitlines()[-1],
+                         "Authorization: Bearer " + self.stub_attacks[0]["token"])
+        self.assertEqual((status, json.loads(body)), ("200 OK", {"id": 81623,
+                                                                 "username": "admin"}))
+
+    def test_before_login_attack_it_sends_nothing_and_says_to_log_in(self):
+        stub = AttackStub(self, self.stub_attacks)
+        tab = self.browser.open((HERE / "test.html").as_uri() + "?api=" + stub.url)
+        tab.wait_for("document.readyState === 'complete'")
+        tab.evaluate("document.getElementById('tokenBox').value = %s" % json.dumps(token_for()))
+        tab.click("attackBtn")
+        self.assertEqual(tab.evaluate("document.getElementById('attackResult').textContent"),
+                         "Log in first: the attacks are forged from the token the server "
+                         "issues at login.")
+        self.assertTrue(tab.evaluate("document.getElementById('attackTable').hidden"))
+        tab.click("infoBtn")                 # a request after it: the stub saw only that one
+        tab.result()
+        self.assertEqual(stub.paths, ["/users/getInfo"])
+
+    def test_an_old_server_or_none_at_all_is_said_beside_the_button(self):
+        stub = AttackStub(self)              # no /attacks: 404, as an old server answers
+        stub.release.clear()
+        tab = self.browser.open((HERE / "test.html").as_uri() + "?api=" + stub.url)
+        self.start_login(tab)
+        tab.result()
+        tab.click("attackBtn")
+        # Held: the button is disabled until the answer is in.
+        tab.wait_for("document.getElementById('attackBtn').disabled")
+        stub.release.set()
+        tab.wait_for("!document.getElementById('attackBtn').disabled")
+        line = "document.getElementById('attackResult').textContent"
+        self.assertEqual(tab.evaluate(line), "GET /attacks: 404 Not Found: Not found "
+                                             "(an older server without this route?)")
+        self.assertTrue(tab.evaluate("document.getElementById('attackTable').hidden"))
+        stub.shutdown()
+        stub.server_close()
+        tab.click("attackBtn")
+        self.assertTrue(tab.wait_for(f"/no answer/.test({line}) && {line}").startswith(
+            "GET /attacks: no answer: the server is down"))
+
+    def test_the_pages_verdict_is_authservers(self):
+        tab = self.tabs["disk"]
+        attack = authserver.ATTACKS[0]
+        cases = [(status, message) for status in (200, 204, 302, 400, 401, 403, 404, 429, 500)
+                 for message in (attack.message, "invalid signature", "no such thing", "")]
+        found = tab.evaluate("%s.map(([status, message]) => attackVerdict(%s, status, message, "
+                             "new Map(Object.entries(%s))))"
+                             % (json.dumps(cases), json.dumps(authserver.attack_fields(attack, None)),
+                                json.dumps(authserver.MESSAGE_CHECKS)))
+        self.assertEqual(found, [list(authserver.verdict(attack, status, message))
+                                 for status, message in cases])
