@@ -337,14 +337,52 @@ def load_secret(config):
         raise ConfigError(f"secret file {path}: {error}") from None
 
 
+# Keys people sign with: examples from tutorials, documentation and this file. A secret
+# among them, or one of their variants below, is refused; the attack command tries the
+# first six on a server, and all of them offline against a token's signature.
+WORDLIST = (
+    "", "secret", "password", "nodejs-jwt-auth-server-private-key", "your-256-bit-secret",
+    "correct horse battery staple, 32B+", "a-string-secret-at-least-256-bits-long",
+    "shhhhh", "keyboard cat", "changeme", "change-me", "secretkey", "secret-key", "secret_key",
+    "jwtsecret", "jwt-secret", "jwt_secret", "mysecret", "my-secret", "my_secret_key",
+    "supersecret", "s3cr3t", "key", "private", "private-key", "privatekey", "token", "auth",
+    "admin", "test", "123456", "qwerty", "default", "your_jwt_secret", "your-secret-key",
+)
+WORDLIST_NUMBER = re.compile(r"0|[1-9][0-9]{0,2}")      # the suffixes 0 to 999
+
+
+def word_forms(word):
+    """A word as written, Capitalised and UPPER (each once)."""
+    return dict.fromkeys((word, word.capitalize(), word.upper()))
+
+
+def wordlist_guesses():
+    """Each form of each word of WORDLIST, alone and followed by 0 to 999: 101,101 guesses."""
+    for word in WORDLIST:
+        for form in word_forms(word):
+            yield form
+            for number in range(1000):
+                yield f"{form}{number}"
+
+
+def in_wordlist(text):
+    """Whether wordlist_guesses() tries text, without making all of them."""
+    return any(text == form or text.startswith(form)
+               and WORDLIST_NUMBER.fullmatch(text[len(form):])
+               for word in WORDLIST for form in word_forms(word))
+
+
 def checked_secret(text, where):
-    """Refuse secrets too short to be an HS256 key."""
-    key = text.encode("utf-8")
+    """Refuse secrets too short to be an HS256 key, or copied from an example."""
+    key, make_one = text.encode("utf-8"), ('Make one with: python -c "import secrets; '
+                                           'print(secrets.token_urlsafe(32))"')
     if len(key) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{where} is {len(key)} bytes; HS256 needs at least {MIN_SECRET_BYTES} "
-            f"(RFC 7518 §3.2). Make one with: "
-            f"python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+        raise ConfigError(f"{where} is {len(key)} bytes; HS256 needs at least "
+                          f"{MIN_SECRET_BYTES} (RFC 7518 §3.2). {make_one}")
+    if in_wordlist(text):
+        raise ConfigError(f"{where} is a key copied from tutorials and examples (the attack "
+                          f"command's wordlist holds it): anyone can sign tokens with it. "
+                          f"{make_one}")
     return key
 
 
@@ -613,19 +651,21 @@ def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
 # broken. This section forges those attacks, as pure functions of a genuine token, so that
 # each can be fired at a correct server and seen refused, by name: `python authserver.py
 # attack` sends them from the command line, and the page's "Attack it" panel gets the very
-# same list from GET /attacks. They come in the order of the steps that stop them.
+# same list from GET /attacks. They come in the order of the steps that stop them. No
+# forgery reaches step 4, read_payload: a payload gets past step 3 only with the key.
 #
-# A forger needs no key; the few attacks that show a later step at work do: a token whose
-# signature is right but whose header or claims are not (another algorithm, an exp gone
-# by) can be made only by the key's holder. Those are marked needs="key", and are never
-# more than the genuine token they are made from.
+# A forger has no key. A few attacks are there to show a later step at work (a genuine
+# signature on another algorithm, or on an exp gone by), and only the key's holder can
+# make those: they are marked needs="key". Each is worth no more than the genuine token it
+# is made from: the same user and session, never valid later.
 
 Attack = namedtuple("Attack", "name tries check message reference needs forge")
 # name, tries        what the attack is, and what it tries, in a line each
 # check, message     the step that must refuse it, and what that step says (the 401's message)
-# reference          where the rule is written: RFC 7515 (JWS), 7519 (JWT), 8725 (JWT BCP)
+# reference          where the rule is written: RFC 7515 (JWS), 7518 (JWA), 7519 (JWT), 8725
+#                    (JWT best practices)
 # needs              None, "key" (the server's own: see above) or "refresh token"
-# forge              Forgery -> the forged token
+# forge              Genuine -> the forged token
 
 # What each step of decode_token guarantees: the explanation beside every refusal.
 CHECKS = {
@@ -638,55 +678,32 @@ CHECKS = {
     "check_claims": "a genuine signature is refused too outside its time: before nbf or "
                     "iat, or from exp on",
 }
-# The step a refusal's message comes from, for an answer other than the one expected.
+# The step a refusal's message comes from, when it is not the one expected (a server
+# other than this one may refuse a forgery later, or earlier). read_payload says "invalid
+# token" too, but no forgery gets that far: see above.
 MESSAGE_CHECKS = {"jwt malformed": "split_token", "invalid algorithm": "read_header",
                   "invalid token": "read_header", "jwt signature is required": "check_signature",
                   "invalid signature": "check_signature", "jwt expired": "check_claims",
                   "jwt not active": "check_claims"}
-# Keys people sign with: examples from tutorials, documentation and this file. The
-# attack tries the first six on the server; the secret check tries all of them offline.
-WORDLIST = (
-    "", "secret", "password", "nodejs-jwt-auth-server-private-key", "your-256-bit-secret",
-    "correct horse battery staple, 32B+", "a-string-secret-at-least-256-bits-long",
-    "shhhhh", "keyboard cat", "changeme", "change-me", "secretkey", "secret-key", "secret_key",
-    "jwtsecret", "jwt-secret", "jwt_secret", "mysecret", "my-secret", "my_secret_key",
-    "supersecret", "s3cr3t", "key", "private", "private-key", "privatekey", "token", "auth",
-    "admin", "test", "123456", "qwerty", "default", "your_jwt_secret", "your-secret-key",
-)
-# The key a forger signs with; the URLs a forged header names are loopback ones only.
-FORGER_KEY = b"attacker-key"
-HS256_JWT = {"alg": "HS256", "typ": "JWT"}
+FORGER_KEY = b"attacker-key"     # what a forger signs with when it names its own key
 
 
-class Forgery:
-    """A genuine token taken apart: what every forgery starts from."""
+class Genuine:
+    """A token the server issued, taken apart: what every forgery starts from."""
 
-    def __init__(self, token, key=None, refresh_token=None, now=None):
+    def __init__(self, token, key=None, refresh_token=None, now=None, leeway=0):
         self.token = token
         self.header_segment, self.payload_segment, self.signature_segment = split_token(token)
         # Read, not trusted: a forger copies the claims, which anyone can read.
         self.claims = parse_json_object(b64url_decode(self.payload_segment))
         self.key, self.refresh_token = key, refresh_token
         self.now = time.time() if now is None else now
-
-    def header_changed(self, header):
-        """header, with the genuine payload and signature."""
-        return f"{segment(header)}.{self.payload_segment}.{self.signature_segment}"
-
-    def claims_changed(self, **changes):
-        """The genuine header and signature, with claims rewritten."""
-        payload = segment({**self.claims, **changes})
-        return f"{self.header_segment}.{payload}.{self.signature_segment}"
+        self.leeway = leeway        # the server's: what "expired" and "not yet" must outrun
 
 
 def segment(value):
     """A segment: a dict as compact JSON, or JSON text exactly as written, in base64url."""
     return b64url_encode(value.encode("utf-8") if isinstance(value, str) else json_bytes(value))
-
-
-def unsigned(header, claims):
-    """A token with an empty signature."""
-    return f"{segment(header)}.{segment(claims)}."
 
 
 def signed_with(key, header, claims, digest="sha256"):
@@ -696,20 +713,44 @@ def signed_with(key, header, claims, digest="sha256"):
     return f"{signing_input}.{b64url_encode(signature)}"
 
 
+# The forgeries most attacks are made of, each a function of the genuine token:
+
+def unsigned(header):
+    """header and the genuine claims, with an empty signature."""
+    return lambda genuine: f"{segment(header)}.{segment(genuine.claims)}."
+
+
+def header_changed(header):
+    """header, with the genuine payload and signature."""
+    return lambda genuine: f"{segment(header)}.{genuine.payload_segment}.{genuine.signature_segment}"
+
+
+def signed_by(key, header, digest="sha256"):
+    """The genuine claims under header, signed with key (None: the server's own)."""
+    return lambda genuine: signed_with(genuine.key if key is None else key, header,
+                                       genuine.claims, digest)
+
+
 # -- Step 1, split_token: a token's shape ------------------------------------------------
 
-def padded(forgery):
+def padded(genuine):
     """The genuine token with "=" padding on each segment: the same bytes, spelled otherwise."""
-    return ".".join(part + "=" * (-len(part) % 4) for part in forgery.token.split("."))
+    return ".".join(part + "=" * (-len(part) % 4) for part in genuine.token.split("."))
 
 
-def plain_base64(forgery):
-    """The genuine token as plain base64 spells it: + / for - _, and padded (as the 43
-    characters of a signature always are), so never as the server wrote it."""
-    return padded(forgery).translate(str.maketrans("-_", "+/"))
+def plain_base64(genuine):
+    """The genuine token in plain base64: + / for - _, and padded. A 32-byte signature is 43
+    characters, so it always gains an "=": this is never the token as the server wrote it."""
+    return padded(genuine).translate(str.maketrans("-_", "+/"))
+
+
+def oversized(genuine):
+    """The genuine claims padded past MAX_TOKEN_BYTES, signed by a forger."""
+    return signed_with(FORGER_KEY, HS256_HEADER, {**genuine.claims, "pad": "A" * MAX_TOKEN_BYTES})
 
 
 def shape_attacks():
+    """Step 1: what split_token refuses before any work is done on it."""
     yield Attack('base64 with "=" padding', "the genuine token, each segment padded as plain "
                  "base64 pads it", "split_token", "jwt malformed", "RFC 7515 §2", None, padded)
     yield Attack("plain base64", "the genuine token in plain base64: + and / for - and _, "
@@ -717,125 +758,153 @@ def shape_attacks():
                  None, plain_base64)
     yield Attack("oversized token", f"a payload padded past {MAX_TOKEN_BYTES} characters, "
                  "for the server to decode and hash", "split_token", "jwt malformed",
-                 "MAX_TOKEN_BYTES, this server's limit", None,
-                 lambda forgery: signed_with(FORGER_KEY, HS256_JWT,
-                                             {**forgery.claims, "pad": "A" * MAX_TOKEN_BYTES}))
+                 "MAX_TOKEN_BYTES, this server's limit", None, oversized)
     yield Attack("refresh token as an access token", "the login's refresh token, sent where "
-                 "an access token goes", "split_token", "jwt malformed", "RFC 6749 §1.5",
-                 "refresh token", lambda forgery: forgery.refresh_token)
+                 "an access token goes; here it is not even a JWT, so it has no dots",
+                 "split_token", "jwt malformed", "RFC 8725 §2.8, §3.12; RFC 6749 §1.5",
+                 "refresh token", lambda genuine: genuine.refresh_token)
 
 
 # -- Step 2, read_header: the token does not choose how it is checked --------------------
 
 def none_attacks():
+    """Step 2: alg "none", the unsecured JWT, in the spellings that slipped past checks."""
     for alg in ("none", "None", "NONE"):
         header = {"alg": alg, "typ": "JWT"}
         yield Attack(f'alg "{alg}", no signature', 'a header saying the token is not signed '
                      'at all (an "unsecured JWT")', "read_header", "invalid algorithm",
-                     "RFC 8725 §2.1, §3.1", None,
-                     lambda forgery, header=header: unsigned(header, forgery.claims))
+                     "RFC 8725 §2.1, §3.1; RFC 7518 §3.6", None, unsigned(header))
         yield Attack(f'alg "{alg}", signature kept', "the same, with the genuine signature "
                      "left on for a parser that wants one", "read_header", "invalid algorithm",
-                     "RFC 8725 §2.1, §3.1", None,
-                     lambda forgery, header=header: forgery.header_changed(header))
+                     "RFC 8725 §2.1, §3.1; RFC 7518 §3.6", None, header_changed(header))
 
 
 def algorithm_attacks():
+    """Step 2: any other algorithm, however it is written, and a header read two ways."""
     for alg, digest in (("HS384", "sha384"), ("HS512", "sha512"), ("hs256", "sha256")):
         yield Attack(f'alg "{alg}", the server\'s own key', "a genuine signature, made by "
-                     "another algorithm than the server's (or its name in another case)",
-                     "read_header", "invalid algorithm", "RFC 8725 §3.1", "key",
-                     lambda forgery, alg=alg, digest=digest: signed_with(
-                         forgery.key, {"alg": alg, "typ": "JWT"}, forgery.claims, digest))
+                     "another algorithm than the server's (or its name in another case: "
+                     "alg is case-sensitive)", "read_header", "invalid algorithm",
+                     "RFC 8725 §3.1; RFC 7515 §4.1.1", "key",
+                     signed_by(None, {"alg": alg, "typ": "JWT"}, digest))
     for alg in ("RS256", "ES256"):
-        yield Attack(f'alg "{alg}", signature kept', "a public-key algorithm, to be checked "
-                     "with a key the token itself names", "read_header", "invalid algorithm",
-                     "RFC 8725 §2.1, §3.1", None,
-                     lambda forgery, alg=alg: forgery.header_changed({"alg": alg, "typ": "JWT"}))
+        yield Attack(f'alg "{alg}", signature kept', "a public-key algorithm: a server that "
+                     "lets alg choose the check can be made to take its public key as an "
+                     "HMAC key (key confusion)", "read_header", "invalid algorithm",
+                     "RFC 8725 §2.1, §3.1", None, header_changed({"alg": alg, "typ": "JWT"}))
     yield Attack('alg "none" in JSON escapes', r'"\u006eone" is "none" to a JSON parser, '
                  "but not to a filter that looks at the text", "read_header",
                  "invalid algorithm", "RFC 8725 §3.1; RFC 8259 §7", None,
-                 lambda forgery: unsigned(r'{"alg":"\u006eone","typ":"JWT"}', forgery.claims))
+                 unsigned(r'{"alg":"\u006eone","typ":"JWT"}'))
     for first, last in (("HS256", "none"), ("none", "HS256")):
         yield Attack(f'alg twice: "{first}", then "{last}"', "a parser that keeps the first "
                      "and one that keeps the last read two different headers", "read_header",
                      "invalid token", "RFC 7515 §4", None,
-                     lambda forgery, text=f'{{"alg":"{first}","alg":"{last}","typ":"JWT"}}':
-                     unsigned(text, forgery.claims))
+                     unsigned(f'{{"alg":"{first}","alg":"{last}","typ":"JWT"}}'))
     yield Attack('"crit": ["b64"], the server\'s own key', "an extension the server does not "
                  "implement (RFC 7797's unencoded payload), marked as one it must",
                  "read_header", "invalid token", "RFC 7515 §4.1.11", "key",
-                 lambda forgery: signed_with(forgery.key, {**HS256_JWT, "b64": False,
-                                                           "crit": ["b64"]}, forgery.claims))
+                 signed_by(None, {**HS256_HEADER, "b64": False, "crit": ["b64"]}))
 
 
 # -- Step 3, check_signature: only the key's holder can sign -----------------------------
 
+def claims_changed(name, change):
+    """The genuine header and signature, and one claim changed: change(old value, now)."""
+    def forge(genuine):
+        claims = {**genuine.claims, name: change(genuine.claims.get(name), genuine.now)}
+        return f"{genuine.header_segment}.{segment(claims)}.{genuine.signature_segment}"
+    return forge
+
+
+def another_user(old, now):
+    return old + 1 if type(old) is int else 1
+
+
+def a_year_on(old, now):
+    return (old if is_number(old) else int(now)) + 365 * 86400
+
+
+ONLINE_GUESSES = WORDLIST[:6]      # the keys tried on the server; all are tried offline
+
+
+def key_guess_name(key):
+    return f"signed with {json.dumps(key)}"
+
+
+# Once the server accepts one of them, its name says the server's key: not to be shown.
+KEY_GUESS_NAMES = frozenset(key_guess_name(key) for key in ONLINE_GUESSES)
+
+
 def signature_attacks():
+    """Step 3: a signature removed or kept on edited claims, or made with another key."""
     yield Attack("signature removed", "the genuine header and payload, and an empty "
                  "signature", "check_signature", "jwt signature is required", "RFC 7515 §5.2",
-                 None, lambda forgery: f"{forgery.header_segment}.{forgery.payload_segment}.")
+                 None, lambda genuine: f"{genuine.header_segment}.{genuine.payload_segment}.")
     edits = (("username", 'username changed to "admin"', lambda old, now: "admin"),
-             ("id", "id changed to another user's",
-              lambda old, now: old + 1 if type(old) is int else 1),
-             ("exp", "exp moved a year on",
-              lambda old, now: (old if is_number(old) else int(now)) + 365 * 86400))
+             ("id", "id changed to the next number (another user's, or nobody's)",
+              another_user), ("exp", "exp moved a year on", a_year_on))
     for name, title, change in edits:
         yield Attack(f"payload edited: {title}", "a claim rewritten and the genuine signature "
                      "kept: base64url is an encoding, which anyone can rewrite",
                      "check_signature", "invalid signature", "RFC 7515 §5.2", None,
-                     lambda forgery, name=name, change=change: forgery.claims_changed(
-                         **{name: change(forgery.claims.get(name), forgery.now)}))
-    for key in WORDLIST[:6]:
-        yield Attack(f"signed with {json.dumps(key)}", "a key from tutorials and examples: "
-                     "a server's key must be random", "check_signature", "invalid signature",
-                     "RFC 8725 §2.2, §3.5", None,
-                     lambda forgery, key=key: signed_with(key, HS256_JWT, forgery.claims))
-    # Headers that name a key: a server that follows them lets the forger choose it.
+                     claims_changed(name, change))
+    for key in ONLINE_GUESSES:
+        yield Attack(key_guess_name(key), "a key from tutorials and examples; "
+                     "with it, a forger could sign any claims (username admin, exp in 2099)",
+                     "check_signature", "invalid signature", "RFC 8725 §2.2, §3.5", None,
+                     signed_by(key, HS256_HEADER))
+    # Headers that name a key: a server that follows them lets the forger choose it. The
+    # URLs are loopback ones: the attack never names a place outside this machine.
     injections = (
-        ('"kid": "../../../../dev/null"', "kid", "../../../../dev/null", b"",
+        ('"kid": "../../../../dev/null"', {"kid": "../../../../dev/null"}, b"",
          "a key file's path: /dev/null reads as an empty key, which signed this",
-         "RFC 8725 §2.9, §3.10"),
-        ('"kid" with SQL in it', "kid", "x' UNION SELECT 'attacker-key' --", FORGER_KEY,
+         "RFC 8725 §2.9, §3.10; RFC 7515 §4.1.4"),
+        ('"kid" with SQL in it', {"kid": "x' UNION SELECT 'attacker-key' --"}, FORGER_KEY,
          "a key looked up in a database, which returns the forger's key",
-         "RFC 8725 §2.9, §3.10"),
-        ('"jku": a loopback URL', "jku", "http://127.0.0.1/.well-known/jwks.json", FORGER_KEY,
-         "keys to fetch from a URL (the forger's, or a request into the server's network)",
-         "RFC 8725 §2.9; RFC 7515 §4.1.2"),
-        ('"x5u": a loopback URL', "x5u", "http://127.0.0.1/cert.pem", FORGER_KEY,
-         "a certificate to fetch from a URL, likewise", "RFC 8725 §2.9; RFC 7515 §4.1.5"),
-        ('"jwk": a key in the header', "jwk", {"kty": "oct", "k": b64url_encode(FORGER_KEY)},
+         "RFC 8725 §2.9, §3.10; RFC 7515 §4.1.4"),
+        ('"jku": a loopback URL', {"jku": "http://127.0.0.1/.well-known/jwks.json"},
+         FORGER_KEY, "keys to fetch from a URL (the forger's, or a request into the "
+         "server's network)", "RFC 8725 §2.9, §3.10; RFC 7515 §4.1.2"),
+        ('"x5u": a loopback URL', {"x5u": "http://127.0.0.1/cert.pem"}, FORGER_KEY,
+         "a certificate to fetch from a URL, likewise", "RFC 8725 §2.9, §3.10; RFC 7515 §4.1.5"),
+        ('"jwk": a key in the header', {"jwk": {"kty": "oct", "k": b64url_encode(FORGER_KEY)}},
          FORGER_KEY, "the key itself, embedded in the token: the forger's",
          "RFC 8725 §3.10; RFC 7515 §4.1.3"),
     )
-    for title, member, value, key, tries, reference in injections:
+    for title, member, key, tries, reference in injections:
         yield Attack(title, tries, "check_signature", "invalid signature", reference, None,
-                     lambda forgery, member=member, value=value, key=key: signed_with(
-                         key, {**HS256_JWT, member: value}, forgery.claims))
+                     signed_by(key, {**HS256_HEADER, **member}))
     yield Attack("a token from another server", "the same claims, signed by another server "
-                 "(another secret)", "check_signature", "invalid signature", "RFC 8725 §2.7",
-                 None, lambda forgery: signed_with(secrets.token_bytes(32), HS256_JWT,
-                                                   forgery.claims))
+                 "with its own secret (were a secret shared, aud would have to tell them "
+                 "apart)", "check_signature", "invalid signature", "RFC 8725 §2.7, §3.9", None,
+                 lambda genuine: signed_with(secrets.token_bytes(32), HS256_HEADER,
+                                             genuine.claims))
 
 
 # -- Step 5, check_claims: a genuine signature, at the wrong time ------------------------
 
-def expired(forgery):
-    """The genuine claims moved back: issued a lifetime ago, expired a minute ago."""
-    claims = forgery.claims
-    lifetime = claims["exp"] - claims["iat"] if is_number(claims.get("exp")) and is_number(
-        claims.get("iat")) else 3600
-    exp = int(forgery.now) - 60
-    return encode_token({**claims, "iat": int(exp - lifetime), "exp": exp}, forgery.key)
+def expired(genuine):
+    """The genuine claims moved back: expired a minute before the server's leeway reaches,
+    and never later than the genuine token (which may itself be in its leeway)."""
+    claims, exp = genuine.claims, math.floor(genuine.now - genuine.leeway) - 60
+    if is_number(claims.get("exp")):
+        exp = min(exp, math.floor(claims["exp"]))
+    lifetime = claims["exp"] - claims["iat"] if is_number(claims.get("iat")) and is_number(
+        claims.get("exp")) else 3600
+    return encode_token({**claims, "iat": int(exp - lifetime), "exp": exp}, genuine.key)
 
 
-def not_yet_valid(forgery):
-    """nbf at the genuine exp: never valid where nbf is checked, and no more than the
-    genuine token where it is not."""
-    return encode_token({**forgery.claims, "nbf": forgery.claims.get("exp")}, forgery.key)
+def not_yet_valid(genuine):
+    """nbf past both the genuine exp and the server's leeway, exp kept: never valid where
+    nbf is checked, and no more than the genuine token where it is not."""
+    exp = genuine.claims.get("exp")
+    nbf = max(exp if is_number(exp) else 0, math.ceil(genuine.now)) + genuine.leeway + 1
+    return encode_token({**genuine.claims, "nbf": math.ceil(nbf)}, genuine.key)
 
 
 def time_attacks():
+    """Step 5: the server's own signature, outside the token's time."""
     yield Attack("expired token replayed", "a token whose exp has passed, signed as the "
                  "server signs (an old captured one)", "check_claims", "jwt expired",
                  "RFC 7519 §4.1.4", "key", expired)
@@ -848,12 +917,12 @@ ATTACKS = [*shape_attacks(), *none_attacks(), *algorithm_attacks(), *signature_a
            *time_attacks()]
 
 
-def forged(attack, forgery):
-    """attack's token, or None when it needs what forgery lacks (the key, a refresh token)."""
-    if (attack.needs == "key" and forgery.key is None
-            or attack.needs == "refresh token" and not forgery.refresh_token):
+def forged(attack, genuine):
+    """attack's token, or None when it needs what genuine lacks (the key, a refresh token)."""
+    if (attack.needs == "key" and genuine.key is None
+            or attack.needs == "refresh token" and not genuine.refresh_token):
         return None
-    return attack.forge(forgery)
+    return attack.forge(genuine)
 
 
 def header_text(token):
@@ -889,15 +958,6 @@ def verdict(attack, status, message):
 
 # -- The secret, offline: how fast can a captured token's key be guessed? ---------------
 
-def wordlist_guesses():
-    """Each word of WORDLIST as written, Capitalised and UPPER, alone and + 0 to 999."""
-    for word in WORDLIST:
-        for form in dict.fromkeys((word, word.capitalize(), word.upper())):
-            yield form
-            for number in range(1000):
-                yield f"{form}{number}"
-
-
 def guess_secret(token, guesses):
     """(found, tried, seconds): try every guess as the key of token's signature, offline.
 
@@ -911,8 +971,8 @@ def guess_secret(token, guesses):
     found, tried, started = False, 0, time.perf_counter()
     for guess in guesses:
         tried += 1
-        found |= hmac.compare_digest(hmac.digest(guess.encode("utf-8"), signing_input,
-                                                 "sha256"), signature)
+        # == rather than compare_digest: offline, there is nobody to time the comparison.
+        found |= hmac.digest(guess.encode("utf-8"), signing_input, "sha256") == signature
     return found, tried, time.perf_counter() - started
 
 
@@ -922,12 +982,15 @@ UNIVERSE_AGE_YEARS = 1.38e10
 
 def duration_text(seconds):
     """0.31 s, 12 min, 5.2 h, 40 days, 300 years, 2.1e+63 years."""
-    for limit, unit in ((60, "s"), (3600, "min"), (86400, "h"), (SECONDS_PER_YEAR, "days")):
+    for limit, unit, size in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600),
+                              (SECONDS_PER_YEAR, "days", 86400)):
         if seconds < limit:
-            size = {"s": 1, "min": 60, "h": 3600, "days": 86400}[unit]
-            return f"{seconds / size:.2g} {unit}"
+            count = seconds / size
+            return f"{count:.2g} {unit}" if count < 10 else f"{count:,.0f} {unit}"
     years = seconds / SECONDS_PER_YEAR
-    return f"{years:,.0f} years" if years < 1e6 else f"{years:.1e} years"
+    if years < 1e6:
+        return f"{years:,.0f} year{'s' if round(years) != 1 else ''}"
+    return f"{years:.1e} years"
 
 
 def key_bits(key):
@@ -940,11 +1003,12 @@ def key_bits(key):
 
 def search_times(rate, bits=None):
     """[(what, how long a search of all of them takes at rate guesses a second)]."""
-    rows = [("a word from a 100,000-word dictionary", 1e5), ("6 lowercase letters", 26.0 ** 6),
-            ("10 characters of any kind", 95.0 ** 10),
+    rows = [("a word from a 100,000-word dictionary", 1e5),
+            ("6 random lowercase letters", 26.0 ** 6),
+            ("10 random characters of any kind", 95.0 ** 10),
             ("256 random bits, as authserver makes", 2.0 ** 256)]
     if bits is not None:
-        rows.append((f"the configured secret: {bits:.0f} bits at most", 2.0 ** bits))
+        rows.append((f"the configured secret, were it random: {bits:.0f} bits", 2.0 ** bits))
     return [(what, count / rate) for what, count in rows]
 
 
@@ -2285,10 +2349,11 @@ def list_attacks(request):
     never to be more than the token it came from (see section 4). The refresh-token attack
     comes without a token: the page holds its refresh token, and sends that.
     """
-    forgery = Forgery(bearer_token(request.headers), request.server.key)
+    genuine = Genuine(bearer_token(request.headers), request.server.key,
+                      leeway=request.server.config["leeway"])
     return Response(200, {"target": "GET /users/getInfo", "checks": CHECKS,
                           "messages": MESSAGE_CHECKS,
-                          "attacks": [attack_fields(attack, forged(attack, forgery))
+                          "attacks": [attack_fields(attack, forged(attack, genuine))
                                       for attack in ATTACKS]})
 
 
@@ -3873,23 +3938,32 @@ def explain(args):
 
 # -- attack: section 4's forgeries, sent to a running server -----------------------------
 # It talks to the one URL it is given (or the config's), and to nothing else: http.client
-# follows no redirect and reads no proxy setting, as urllib would.
+# follows no redirect and reads no proxy setting, as urllib would. What the server under
+# attack answers is hostile input like any other: read within limits, shown as escapes.
 
 MAX_ANSWER_BYTES = 65536        # of a server's answer: enough for any message of ours
+ANSWER_DEADLINE = 30            # seconds for a whole answer, however slowly it trickles
+SENDABLE = re.compile(r"[!-~]{1,16384}")    # a token that can go into a header as it is
+
+
+class Unanswered(Exception):
+    """A request that got no answer (refused, reset, cut off): why, in a line."""
 
 
 class Target:
     """The server under attack: requests to its URL only, each on a connection of its own."""
 
     def __init__(self, url, tls_cert=None, timeout=10):
-        parts = urllib.parse.urlsplit(url)
         try:
-            port = parts.port
+            parts = urllib.parse.urlsplit(url)
+            parts.port              # ValueError for a port out of range
         except ValueError:
-            port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-            raise ConfigError(f"--url {url!r}: give http://HOST:PORT or https://HOST:PORT")
-        self.url, self.host, self.port = url.rstrip("/"), parts.hostname, port
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or "@" in parts.netloc or parts.query or parts.fragment):
+            raise ConfigError(f"--url {printable(url)!r}: give http://HOST:PORT or "
+                              f"https://HOST:PORT, perhaps with a path")
+        self.url, self.host, self.port = url.rstrip("/"), parts.hostname, parts.port
         self.base_path, self.timeout = parts.path.rstrip("/"), timeout
         self.tls_context = None
         if parts.scheme == "https":
@@ -3899,42 +3973,69 @@ class Target:
                 raise ConfigError(f"--tls-cert {tls_cert}: {error}") from None
 
     def send(self, method, path, body=None, headers=None):
-        """(status, answer's message or text): one request and its answer, or ConfigError."""
+        """(status, answer as a dict) for one request; Unanswered if there is no answer."""
         if self.tls_context is None:
             connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         else:
             connection = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
                                                      context=self.tls_context)
+        # The timeout bounds each read; this bounds the whole answer, sent a byte at a time.
+        too_late = threading.Event()
+        deadline = threading.Timer(ANSWER_DEADLINE, cut_off, (connection, too_late))
+        deadline.start()
         try:
             connection.request(method, self.base_path + path, body, headers or {})
             response = connection.getresponse()
-            return response.status, answer_of(response.read(MAX_ANSWER_BYTES))
+            data = response.read(MAX_ANSWER_BYTES)
+            if too_late.is_set() or response.length and len(data) < MAX_ANSWER_BYTES:
+                raise http.client.IncompleteRead(data)      # cut off, or closed early
+            return response.status, answer_of(data)
         except ssl.SSLCertVerificationError as error:
             raise ConfigError(f"{self.url}: {error.verify_message}; to trust a self-signed "
                               f"certificate, give it: --tls-cert cert.pem") from None
-        except (OSError, http.client.HTTPException) as error:
-            raise ConfigError(f"{self.url}: {error or type(error).__name__} (is the server "
-                              f"running? python authserver.py)") from None
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            why = (f"no whole answer within {ANSWER_DEADLINE} s" if too_late.is_set()
+                   else str(error) or type(error).__name__)
+            raise Unanswered(printable(why)) from None
         finally:
+            deadline.cancel()
             connection.close()
+
+    def ask(self, method, path, body=None, headers=None):
+        """send, for the requests without which there is no attack: no answer is ConfigError."""
+        try:
+            return self.send(method, path, body, headers)
+        except Unanswered as error:
+            raise ConfigError(f"{self.url}: {error} (is the server running? "
+                              f"python authserver.py)") from None
+
+
+def cut_off(connection, too_late):
+    """Shut a connection whose answer is past its deadline: the blocked read returns."""
+    too_late.set()
+    with contextlib.suppress(OSError, AttributeError):
+        connection.sock.shutdown(socket.SHUT_RDWR)
 
 
 def answer_of(data):
-    """The JSON answer as a dict, or {"message": the text} for any other answer."""
+    """The answer as a dict whose "message", if any, is text: JSON, or {"message": text}."""
     try:
         answer = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         answer = None
-    if isinstance(answer, dict):
-        return answer
-    text = data.decode("utf-8", "replace").strip()[:200]
-    return {"message": text} if text else {}
+    if not isinstance(answer, dict):
+        text = data.decode("utf-8", "replace").strip()
+        answer = {"message": text} if text else {}
+    message = answer.get("message")
+    if message is not None and not isinstance(message, str):
+        message = json.dumps(message)
+    return {**answer, "message": message[:200] if message is not None else None}
 
 
 def answer_text(status, answer):
     """ "401 invalid signature", or "302 Found" for an answer that has no message."""
     message = answer.get("message")
-    return f"{status} {printable(str(message if message is not None else status_phrase(status)))}"
+    return f"{status} {printable(message if message is not None else status_phrase(status))}"
 
 
 def status_phrase(status):
@@ -3945,18 +4046,19 @@ def status_phrase(status):
         return ""
 
 
-def default_url(config, tls_cert):
-    """The server config describes, as reached from this machine."""
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(config["host"],
-                                                                      config["host"])
+def default_url(args, config):
+    """The server --host/--port, or else config, describes, as reached from this machine."""
+    host = args.host or config["host"]
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     host = f"[{host}]" if ":" in host else host
-    return f"{'https' if tls_cert else 'http'}://{host}:{config['port']}"
+    port = config["port"] if args.port is None else args.port
+    return f"{'https' if args.tls_cert else 'http'}://{host}:{port}"
 
 
 def genuine_token(args, target):
     """(access token, refresh token or None): --token's, or a real login's."""
     if args.token:
-        return args.token.strip(), None
+        return unwrap_pasted(args.token)[0], None      # "Bearer eyJ..." as explain takes it
     if not args.user:
         raise ConfigError("attack needs a genuine token to forge from: --user NAME (the "
                           "password is asked for, or --password PW) or --token TOKEN")
@@ -3965,17 +4067,20 @@ def genuine_token(args, target):
         password = read_new_password(prompt=f"Password for {args.user}: ", repeat=None)
     body = json_bytes({"username": args.user,
                        "password": base64.b64encode(password.encode("utf-8")).decode()})
-    status, answer = target.send("POST", "/users/authenticate", body,
-                                 {"Content-Type": "application/json"})
-    if status != 200 or not isinstance(answer.get("token"), str):
+    status, answer = target.ask("POST", "/users/authenticate", body,
+                                {"Content-Type": "application/json"})
+    token, refresh_token = answer.get("token"), answer.get("refreshToken")
+    if status != 200 or not isinstance(token, str):
         raise ConfigError(f"logging in as {args.user!r} at {target.url}: "
                           f"{answer_text(status, answer)}")
-    refresh_token = answer.get("refreshToken")
-    return answer["token"], refresh_token if isinstance(refresh_token, str) else None
+    # A refresh token that could not be sent as it is (a line break, an escape) is not one.
+    sendable = isinstance(refresh_token, str) and SENDABLE.fullmatch(refresh_token)
+    return token, refresh_token if sendable else None
 
 
-def server_key(args, token):
-    """This machine's secret, if it is the one that signed token; else None.
+def server_secret(args, token):
+    """(key, leeway): this machine's secret and leeway, if it is the secret that signed
+    token; else (None, 0).
 
     Only the key's holder can make the attacks marked needs="key"; run beside the server,
     with its config, attack is that holder. The secret is read, never made (load_secret
@@ -3989,23 +4094,42 @@ def server_key(args, token):
             path = config["path"].parent / config["secretFile"]
             key = checked_secret(path.read_text(encoding="utf-8-sig").strip(), "secret file")
     except (ConfigError, OSError):
-        return None
+        return None, 0
     header_segment, payload_segment, signature_segment = token.split(".")
-    signature = sign(f"{header_segment}.{payload_segment}".encode("ascii"), key)
-    return key if hmac.compare_digest(b64url_encode(signature), signature_segment) else None
+    signature = b64url_encode(sign(f"{header_segment}.{payload_segment}".encode("ascii"), key))
+    return (key, config["leeway"]) if hmac.compare_digest(signature, signature_segment) else (None, 0)
 
 
-def run_attack(attack, forgery, target):
+def genuine_of(args, token, refresh_token):
+    """The genuine token taken apart, with the server's key when this machine has it."""
+    if not SENDABLE.fullmatch(token):
+        raise ConfigError("the genuine token cannot be sent in a header as it is")
+    try:
+        genuine = Genuine(token, None, refresh_token)
+        b64url_decode(genuine.signature_segment)
+    except (TokenError, ValueError):
+        raise ConfigError("the genuine token is not a JWT (header.payload.signature)") from None
+    genuine.key, genuine.leeway = server_secret(args, token)
+    return genuine
+
+
+def run_attack(attack, genuine, target):
     """Send attack's forged token to GET /users/getInfo: attack_fields with the answer."""
-    token = forged(attack, forgery)
+    token = forged(attack, genuine)
     result = {**attack_fields(attack, token), "status": None, "answer": None,
               "verdict": "skipped", "refusedBy": None}
-    if token is not None:
+    if token is None:
+        return result
+    try:
         status, answer = target.send("GET", "/users/getInfo",
                                      headers={"Authorization": f"Bearer {token}"})
-        message = answer.get("message")
-        result["status"], result["answer"] = status, message
-        result["verdict"], result["refusedBy"] = verdict(attack, status, message)
+    except Unanswered as error:     # a proxy in front may cut a connection it dislikes
+        return {**result, "answer": f"no answer: {error}", "verdict": "unclear"}
+    result["status"], result["answer"] = status, answer["message"]
+    result["verdict"], result["refusedBy"] = verdict(attack, status, answer["message"])
+    if result["verdict"] == "ACCEPTED" and attack.name in KEY_GUESS_NAMES:
+        # The name would say which key the server signs with: found, but never shown.
+        result["name"] = "signed with a key from the wordlist (which one is not shown)"
     return result
 
 
@@ -4013,100 +4137,31 @@ def secret_strength(token, key):
     """The wordlist tried offline against token's signature, and what the rate means."""
     found, tried, seconds = guess_secret(token, wordlist_guesses())
     rate = tried / max(seconds, 1e-9)
-    bits = key_bits(key) if key is not None else None
+    # The configured secret's row only where it is known, and not when it was just found.
+    bits = key_bits(key) if key is not None and not found else None
     return {"found": found, "guesses": tried, "seconds": round(seconds, 3),
             "perSecond": round(rate), "configuredBits": bits and round(bits),
             "searchTimes": [{"what": what, "seconds": time_needed}
                             for what, time_needed in search_times(rate, bits)]}
 
 
-SKIP_REASONS = {
-    "key": "needs the server's key: run attack beside the server, with its config",
-    "refresh token": "needs a refresh token: log in with --user rather than --token",
-}
-
-
-VERDICT_MARKS = {"refused": ("refused ", "ok"), "ACCEPTED": ("ACCEPTED", "fail"),
-                 "unclear": ("unclear ", "fail"), "skipped": ("skipped ", "dim")}
-
-
-def attack_lines(result, narrator, width):
-    """One attack's lines: verdict and name, what it tries, its token cut to fit, the answer."""
-    mark, style = VERDICT_MARKS[result["verdict"]]
-    lines = [f"  {narrator.paint(mark, style)} {result['name']}",
-             *indented(result["tries"], width, narrator)]
-    if result["verdict"] == "skipped":
-        return lines + indented(SKIP_REASONS[result["needs"]], width, narrator)
-    token = result["token"]
-    room, cut = width - len(ATTACK_INDENT), f"... ({len(token)} characters)"
-    shown = token if len(token) <= room else token[:room - len(cut)] + cut
-    answer = answer_text(result["status"], {"message": result["answer"]})
-    return lines + [f"{ATTACK_INDENT}{narrator.paint(shown, 'dim')}",
-                    *indented(f"{answer}: {attack_outcome(result)}", width, narrator,
-                              "fail" if style == "fail" else None)]
-
-
-def attack_outcome(result):
-    """What the answer to a sent attack means."""
-    if result["verdict"] == "ACCEPTED":
-        return f"the server accepted a forged token: it is vulnerable ({result['reference']})"
-    if result["verdict"] == "unclear":
-        return "neither accepted nor refused: try again"
-    if result["refusedBy"] == result["check"]:
-        return f"refused by {result['check']} ({result['reference']})"
-    return (f"refused by {result['refusedBy'] or 'a check this tool does not know'}, where "
-            f"{result['check']} should have ({result['reference']})")
-
-
-ATTACK_INDENT = " " * 11
-
-
-def indented(text, width, narrator, style=None):
-    """text in lines of at most width characters under an attack's name, painted in style."""
-    return [ATTACK_INDENT + (narrator.paint(line, style) if style else line)
-            for line in textwrap.wrap(text, width - len(ATTACK_INDENT), break_on_hyphens=False)]
-
-
-def secret_lines(strength, narrator):
-    """What the offline search found, and how long keys of each kind last at its rate."""
-    lines = ["", narrator.paint("The secret, offline", "bold"),
-             f"  {strength['guesses']:,} guesses from the wordlist ({len(WORDLIST)} words, each "
-             f"as written, Capitalised and UPPER,", "  alone and followed by 0 to 999) against "
-             f"the token's signature: {duration_text(strength['seconds'])},",
-             f"  {strength['perSecond']:,} guesses a second on this machine (Python, one core)."]
-    if strength["found"]:
-        lines.append("  " + narrator.paint("The server's secret was found in the wordlist: "
-                                           "change it. (It is not shown here.)", "fail"))
-    else:
-        lines.append("  " + narrator.paint("Not found in the wordlist.", "ok"))
-    lines.append("  At that rate, a search of every key of a kind takes:")
-    lines += [f"    {row['what']:<44} {duration_text(row['seconds'])}"
-              for row in strength["searchTimes"]]
-    lines += [f"  (The universe is {UNIVERSE_AGE_YEARS:.1e} years old. Hardware built for "
-              "guessing goes far faster", "  than this: read these as the least an "
-              "attacker can do.)"]
-    return lines
-
-
 def attack_command(args):
     """python authserver.py attack: forge section 4's attacks and send each to a server."""
-    config_url = None
-    if args.url is None:
-        config_url = default_url(load_config(args.config), args.tls_cert)
-    target = Target(args.url or config_url, args.tls_cert)
+    url = args.url or default_url(args, load_config(args.config))
+    target = Target(url, args.tls_cert)
     token, refresh_token = genuine_token(args, target)
     try:
-        forgery = Forgery(token, server_key(args, token), refresh_token)
-    except (TokenError, ValueError):
-        raise ConfigError("the genuine token is not a JWT (header.payload.signature)") from None
-    status, answer = target.send("GET", "/users/getInfo",
-                                 headers={"Authorization": f"Bearer {token}"})
-    if status != 200:   # then a refusal of a forgery would prove nothing
-        raise ConfigError(f"the genuine token itself is refused: {answer_text(status, answer)}")
-    results = [run_attack(attack, forgery, target) for attack in ATTACKS]
-    strength = secret_strength(token, forgery.key)
-    if refresh_token:    # leave no session behind: the tokens printed below are dead
-        log_out(target, refresh_token)
+        genuine = genuine_of(args, token, refresh_token)
+        status, answer = target.ask("GET", "/users/getInfo",
+                                    headers={"Authorization": f"Bearer {token}"})
+        if status != 200:   # then a refusal of a forgery would prove nothing
+            raise ConfigError(f"the genuine token itself is refused: "
+                              f"{answer_text(status, answer)}")
+        results = [run_attack(attack, genuine, target) for attack in ATTACKS]
+    finally:
+        if refresh_token:   # leave no session behind: the tokens printed below are dead
+            log_out(target, refresh_token)
+    strength = secret_strength(token, genuine.key)
     counts = {name: sum(result["verdict"] == name for result in results)
               for name in ("refused", "ACCEPTED", "unclear", "skipped")}
     safe = not (counts["ACCEPTED"] or counts["unclear"] or strength["found"])
@@ -4114,7 +4169,7 @@ def attack_command(args):
         print(json.dumps({"url": target.url, "attacks": results, "counts": counts,
                           "secret": strength, "ok": safe}, indent=2))
     else:
-        print_attack_report(target, results, counts, strength, safe)
+        print_attack_report(target, results, counts, strength)
     return 0 if safe else 1
 
 
@@ -4124,14 +4179,108 @@ def log_out(target, refresh_token):
         status, answer = target.send("POST", "/users/logout",
                                      json_bytes({"refreshToken": refresh_token}),
                                      {"Content-Type": "application/json"})
-    except ConfigError as error:
+    except (Unanswered, ConfigError) as error:
         status, answer = None, {"message": str(error)}
     if status != 204:
-        print(f"authserver: the attack's session was not logged out ({answer.get('message')}): "
-              f"its tokens below are live until they expire", file=sys.stderr)
+        print(f"authserver: the attack's session was not logged out "
+              f"({printable(str(answer.get('message')))}): its tokens are live until they "
+              f"expire", file=sys.stderr)
 
 
-def print_attack_report(target, results, counts, strength, safe):
+# -- attack's report ------------------------------------------------------------------
+
+SKIP_REASONS = {
+    "key": "needs the server's key: run attack beside the server, with its config",
+    "refresh token": "needs a refresh token: log in with --user rather than --token",
+}
+VERDICT_MARKS = {"refused": ("refused ", "ok"), "ACCEPTED": ("ACCEPTED", "fail"),
+                 "unclear": ("unclear ", "fail"), "skipped": ("skipped ", "dim")}
+ATTACK_INDENT = " " * 11
+
+
+def indented(text, width, narrator, style=None):
+    """text in lines of at most width characters under an attack's name, painted in style."""
+    return [ATTACK_INDENT + (narrator.paint(line, style) if style else line)
+            for line in textwrap.wrap(text, width - len(ATTACK_INDENT), break_on_hyphens=False)]
+
+
+def cut_to(text, room):
+    """text, or its start and end around "..." with its length, in room characters."""
+    if len(text) <= room:
+        return text
+    length = f" ({len(text)} characters)"
+    keep = max(room - len(length) - 3, 8)
+    return f"{text[:keep - keep // 3]}...{text[len(text) - keep // 3:]}{length}"
+
+
+def attack_lines(result, narrator, width):
+    """One attack's lines: verdict and name, what it tries, its header and token, the answer."""
+    mark, style = VERDICT_MARKS[result["verdict"]]
+    lines = [f"  {narrator.paint(mark, style)} {printable(result['name'])}",
+             *indented(result["tries"], width, narrator)]
+    if result["verdict"] == "skipped":
+        return lines + indented(SKIP_REASONS[result["needs"]], width, narrator)
+    room = width - len(ATTACK_INDENT)
+    if result["header"] is not None:
+        lines.append(ATTACK_INDENT + cut_to(f"header {printable(result['header'])}", room))
+    lines.append(ATTACK_INDENT + narrator.paint(cut_to(printable(result["token"]), room), "dim"))
+    answer = (result["answer"] if result["status"] is None     # no answer: why not
+              else answer_text(result["status"], {"message": result["answer"]}))
+    return lines + indented(f"{answer}: {attack_outcome(result)}", width, narrator,
+                            "fail" if style == "fail" else None)
+
+
+def attack_outcome(result):
+    """What the answer to a sent attack means."""
+    check, reference = result["check"], result["reference"]
+    if result["verdict"] == "ACCEPTED":
+        return f"the server accepted a forged token: it is vulnerable ({reference})"
+    if result["verdict"] == "unclear":
+        return "neither accepted nor refused: try again"
+    if result["refusedBy"] == check:
+        return f"refused by {check} ({reference})"
+    by = f", by {result['refusedBy']} going by its message" if result["refusedBy"] else ""
+    return f"refused{by} (authserver refuses it in {check}: {reference})"
+
+
+def secret_lines(strength, narrator, width):
+    """What the offline search found, and how long keys of each kind last at its rate."""
+    lines = ["", narrator.paint("The secret, offline", "bold")]
+    lines += textwrap.wrap(
+        f"{strength['guesses']:,} guesses from the wordlist ({len(WORDLIST)} words, each as "
+        f"written, Capitalised and UPPER, alone and followed by 0 to 999) against the token's "
+        f"signature: {duration_text(strength['seconds'])}, {strength['perSecond']:,} guesses a "
+        f"second on this machine (Python, one core).", width, initial_indent="  ",
+        subsequent_indent="  ")
+    if strength["found"]:
+        lines.append("  " + narrator.paint("The server's secret was found in the wordlist: "
+                                           "change it. (It is not shown here.)", "fail"))
+    else:
+        lines.append("  " + narrator.paint("Not found in the wordlist.", "ok"))
+    lines.append("  At that rate, a search of every key of a kind takes:")
+    lines += [f"    {row['what']:<48} {duration_text(row['seconds'])}"
+              for row in strength["searchTimes"]]
+    return lines + textwrap.wrap(
+        f"(The universe is {UNIVERSE_AGE_YEARS:.1e} years old. Hardware built for guessing "
+        f"goes far faster than this: read these as the least an attacker can do.)", width,
+        initial_indent="  ", subsequent_indent="  ")
+
+
+def verdict_line(counts, found):
+    """The last line: (text, style)."""
+    if counts["ACCEPTED"] or found:
+        return "Verdict: VULNERABLE (see above).", "fail"
+    if counts["unclear"]:
+        return (f"Verdict: inconclusive: {counts['unclear']} answers were neither a refusal nor "
+                f"an acceptance (see above).", "fail")
+    if counts["skipped"]:
+        return (f"Verdict: every attack sent was refused and the secret was not guessed "
+                f"({counts['skipped']} could not be made here).", "ok")
+    return "Verdict: every attack was refused and the secret was not guessed.", "ok"
+
+
+def print_attack_report(target, results, counts, strength):
+    """The report: the attacks, grouped by the step they aim at; the secret; the verdict."""
     narrator = Narrator(sys.stdout)
     width = min(max(shutil.get_terminal_size((100, 24)).columns, 60), 100) - 1
     for line in textwrap.wrap(f"Attacking {target.url}, your own server: a genuine token, which "
@@ -4140,29 +4289,19 @@ def print_attack_report(target, results, counts, strength, safe):
         narrator.say(line)
     check = None
     for result in results:
-        if result["check"] != check:        # the attacks come grouped by the step they aim at
+        if result["check"] != check:
             check = result["check"]
             narrator.say()
-            heading = textwrap.wrap(f"{check}: {CHECKS[check]}", width)
-            narrator.say(narrator.paint(heading[0], "bold"))
-            for line in heading[1:]:
+            for line in textwrap.wrap(f"{check}: {CHECKS[check]}", width):
                 narrator.say(narrator.paint(line, "bold"))
         for line in attack_lines(result, narrator, width):
             narrator.say(line)
-    for line in secret_lines(strength, narrator):
+    for line in secret_lines(strength, narrator, width):
         narrator.say(line)
     narrator.say()
     narrator.say(f"{len(results)} attacks: {counts['refused']} refused, {counts['ACCEPTED']} "
                  f"ACCEPTED, {counts['unclear']} unclear, {counts['skipped']} skipped.")
-    if not safe:
-        narrator.say(narrator.paint("Verdict: VULNERABLE (see above).", "fail"))
-    elif counts["skipped"]:
-        narrator.say(narrator.paint("Verdict: every attack sent was refused and the secret was "
-                                    f"not guessed ({counts['skipped']} could not be made here).",
-                                    "ok"))
-    else:
-        narrator.say(narrator.paint("Verdict: every attack was refused and the secret was not "
-                                    "guessed.", "ok"))
+    narrator.say(narrator.paint(*verdict_line(counts, strength["found"])))
 
 
 # ---------------------------------------------------------------------------
@@ -4180,8 +4319,8 @@ def build_parser():
         prog="authserver.py", description=(
             "A JWT login server, standard library only. With no command it serves: the API "
             "(POST /users/authenticate, GET /users/getInfo, ...) and the page at /, on --host "
-            "and --port, until Ctrl-C. The commands manage users and sessions, and explain "
-            "tokens."))
+            "and --port, until Ctrl-C. The commands manage users and sessions, explain "
+            "tokens, and attack a running server with the classic forgeries."))
     parser.add_argument("--host", help="address to listen on (0.0.0.0: the whole LAN)")
     parser.add_argument("--port", type=int, help="port (default 4000; 0: any free port)")
     parser.add_argument("--config", type=Path, default=CONFIG_FILE,
@@ -4195,6 +4334,8 @@ def build_parser():
     # SUPPRESS, so an option given before the command is not reset by the command.
     files.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     files.add_argument("--users", type=Path, default=argparse.SUPPRESS, help="users file")
+    config_file = argparse.ArgumentParser(add_help=False)
+    config_file.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     adduser = commands.add_parser("adduser", parents=[files], help="add a user", description=(
@@ -4253,28 +4394,31 @@ def build_parser():
     explain_command.add_argument("token", nargs="?", help="the token (default: read stdin)")
     explain_command.set_defaults(action=explain, usage=explain_command.format_usage)
 
-    attacks = commands.add_parser("attack", parents=[files],
+    attacks = commands.add_parser("attack", parents=[config_file],
                                   help="fire the classic JWT attacks at a server",
                                   description=(
         "For your own servers only. Get a genuine token (by logging in, or --token), forge "
         "from it each classic JWT attack (alg none, an edited payload, a guessable key, "
         "another algorithm, a key named in the header, an expired token, ...), send each to "
         "GET /users/getInfo, and say for each whether the server refused it, and which check "
-        "of authserver.py did; then try a wordlist against the token's key, offline. Exit 0 "
-        "when every attack was refused and the key was not guessed, 1 otherwise, 2 when "
-        "the server could not be reached or the login failed. A login's session is logged "
-        "out at the end. Attacks that need the server's key are made only where its secret "
-        "is (run beside the server, with its config)."))
-    attacks.add_argument("--url", help="the server (default: the one the config "
-                                "describes, on this machine)")
+        "of authserver.py did; then try a wordlist against the token's key, offline (the key "
+        "is never shown). Exit 0 when every attack sent was refused and the key was not "
+        "guessed; 1 otherwise; 2 when the server cannot be reached, the login fails or the "
+        "genuine token is itself refused. A login's session is logged out at the end. The "
+        "attacks that need the server's key are made only where its secret is: run beside "
+        "the server, with its config. In colour on a terminal, unless NO_COLOR is set."))
+    attacks.add_argument("--url", help="the server: http://HOST:PORT or https://HOST:PORT "
+                         "(default: --host and --port given before attack, else the config's, "
+                         "on this machine)")
     attacks.add_argument("--user", type=username_argument, help="log in as this user")
-    attacks.add_argument("--password", help="the user's password (default: asked "
-                                "for, or read from stdin)")
+    attacks.add_argument("--password", help="the user's password (default: asked for, or "
+                         "read from stdin)")
     attacks.add_argument("--token", help="forge from this token instead of logging in")
     attacks.add_argument("--tls-cert", default=argparse.SUPPRESS,
-                                help="trust this certificate (for https with a self-signed one)")
+                         help="trust this certificate (a self-signed one); the default URL is "
+                         "then https")
     attacks.add_argument("--json", action="store_true",
-                                help="print the results as one JSON document")
+                         help="print the results as one JSON document")
     attacks.set_defaults(action=attack_command)
     return parser
 

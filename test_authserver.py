@@ -2298,19 +2298,26 @@ class TestPageInBrowser(unittest.TestCase):
         self.assertFalse(tab.evaluate("Object.keys(localStorage).length"))
 
 
+def serve_in_background(test, server):
+    """Serve server (an http.server stand-in on 127.0.0.1:0) in a thread until the test ends;
+    its address as server.url."""
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    test.addCleanup(thread.join)
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return server
+
+
 class LifecycleStub(http.server.ThreadingHTTPServer):
     """Stands in for issue 11's refresh / logout routes (as specified) until the server has them."""
 
     def __init__(self, test):
         super().__init__(("127.0.0.1", 0), LifecycleStubHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.bodies, self.bearer = {}, []
         self.refresh_number, self.revoked = 1, False
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        test.addCleanup(thread.join)
-        test.addCleanup(self.server_close)
-        test.addCleanup(self.shutdown)
+        serve_in_background(test, self)
 
     @staticmethod
     def refresh_token(number):
@@ -5692,12 +5699,7 @@ class VulnerableServer(http.server.ThreadingHTTPServer):
     def __init__(self, test, key, flaw=None):
         super().__init__(("127.0.0.1", 0), VulnerableHandler)
         self.key, self.flaw, self.requests = key, flaw, []
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        test.addCleanup(thread.join)
-        test.addCleanup(self.server_close)
-        test.addCleanup(self.shutdown)
+        serve_in_background(test, self)
 
     def verify(self, token):
         """The claims, or TokenError: decode_token with its key, unless the flaw lets it by."""
@@ -5817,14 +5819,15 @@ class TestAttackCommand(unittest.TestCase):
                       "token;", out)
         self.assertIn('  refused  alg "none", no signature\n'
                       '           a header saying the token is not signed at all (an '
-                      '"unsecured JWT")\n           eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.', out)
+                      '"unsecured JWT")\n           header {"alg":"none","typ":"JWT"}\n'
+                      '           eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.', out)
         self.assertIn("\n           401 invalid algorithm: refused by read_header (RFC 8725 "
-                      "§2.1, §3.1)\n", out)
+                      "§2.1, §3.1; RFC 7518 §3.6)\n", out)
         self.assertIn("\n           401 jwt expired: refused by check_claims (RFC 7519 "
                       "§4.1.4)\n", out)
         # The 11,000-character token is cut to fit the line; the count says how long it was.
-        oversized = re.search(r"oversized token\n.*\n( +eyJ\S+\.\.\. \((\d+) characters\))\n",
-                              out)
+        oversized = re.search(r"oversized token\n.*\n.*\n( +eyJ\S+\.\.\.\S+ \((\d+) "
+                              r"characters\))\n", out)
         self.assertLessEqual(len(oversized.group(1)), 99)
         self.assertGreater(int(oversized.group(2)), authserver.MAX_TOKEN_BYTES)
         self.assertIn("\n  3 guesses from the wordlist", out)
@@ -5886,8 +5889,11 @@ class TestAttackCommand(unittest.TestCase):
         code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
                                         "--user", "test", "--password", "test")
         self.assertEqual(code, 1)
+        # Accepted, that attack's name would say the key: it says "from the wordlist".
         self.assertEqual([result["name"] for result in report["attacks"]
-                          if result["verdict"] == "ACCEPTED"], ['signed with "secret"'])
+                          if result["verdict"] == "ACCEPTED"],
+                         ["signed with a key from the wordlist (which one is not shown)"])
+        self.assertNotIn('"secret"', json.dumps(report["attacks"]))
         self.assertTrue(report["secret"]["found"])
         # A key the online attacks do not try, found offline, and shown nowhere.
         stand_in = VulnerableServer(self, "Jwt_secret42")
@@ -5911,7 +5917,7 @@ class TestAttackCommand(unittest.TestCase):
         self.assertEqual([request[:2] for request in stand_in.requests],
                          [("POST", "/users/authenticate")]
                          + [("GET", "/users/getInfo")] * len(authserver.ATTACKS))
-        forgery = authserver.Forgery(token_for(), SECRET.encode(), "R" * 43)
+        forgery = authserver.Genuine(token_for(), SECRET.encode(), "R" * 43)
         for attack in authserver.ATTACKS:
             header = authserver.header_text(authserver.forged(attack, forgery)) or "{}"
             for name in ("jku", "x5u"):
@@ -5936,16 +5942,12 @@ class TestAttackCommand(unittest.TestCase):
 
             def log_message(self, *args):
                 pass
-        redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-        thread = threading.Thread(target=redirecting.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(redirecting.server_close)
-        self.addCleanup(redirecting.shutdown)
+        redirecting = serve_in_background(
+            self, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect))
         proxies = {name: other for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY")}
         with mock.patch.dict(os.environ, proxies):
             code, out, err = run_attack("--config", self.files.config, "--url",
-                                        f"http://127.0.0.1:{redirecting.server_address[1]}",
+                                        redirecting.url,
                                         "--token", token_for(), guesses=FEW_GUESSES)
         self.assertEqual((code, out, err), (2, "", "authserver: the genuine token itself is "
                                                    "refused: 302 Found\n"))
@@ -5958,7 +5960,7 @@ class TestAttackCommand(unittest.TestCase):
                                     "--user", "test", "--password", "test", guesses=FEW_GUESSES)
         self.assertEqual(code, 0)
         self.assertEqual(err, "authserver: the attack's session was not logged out (the "
-                              "database is down): its tokens below are live until they expire\n")
+                              "database is down): its tokens are live until they expire\n")
         self.assertEqual(stand_in.requests[-1][:2], ("POST", "/users/logout"))
         self.assertIn("Verdict: every attack was refused", out)
 
@@ -5980,6 +5982,9 @@ class TestAttackCommand(unittest.TestCase):
             (("--url", "ftp://127.0.0.1/", "--token", "x"), "authserver: --url 'ftp://127.0.0.1/'"),
             (("--url", "http://127.0.0.1:99999", "--token", "x"),
              "authserver: --url 'http://127.0.0.1:99999'"),
+            (("--url", "http://[::1:4000", "--token", "x"), "authserver: --url 'http://[::1:4000'"),
+            (("--url", "http://user:pw@127.0.0.1:4000", "--token", "x"), "authserver: --url "),
+            (("--url", self.url + "/?x=1", "--token", "x"), "authserver: --url "),
         ]
         for args, first_line in cases:
             with self.subTest(args=args):
@@ -6119,12 +6124,12 @@ class TestLabPageAttackIt(unittest.TestCase):
         cls.server = start_server(scope, Files(scope))
         cls.browser = Browser(scope)
         cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}/"
-        genuine = authserver.Forgery(token_for(), SECRET)
+        genuine = authserver.Genuine(token_for(), SECRET)
         named = {attack.name: attack for attack in authserver.ATTACKS}
         none, removed, refresh, tokenless = (named[name] for name in (
             'alg "none", no signature', "signature removed", "refresh token as an access token",
             "plain base64"))
-        hostile = authserver.unsigned(HOSTILE_HEADER, genuine.claims)
+        hostile = authserver.unsigned(HOSTILE_HEADER)(genuine)
         cls.stub_attacks = [authserver.attack_fields(none, none.forge(genuine)),
                             authserver.attack_fields(removed, removed.forge(genuine)),
                             {"name": "<b>bold</b>", "tries": "<i>markup</i>", "check":
@@ -6323,3 +6328,195 @@ class TestLabPageAttackIt(unittest.TestCase):
                                 json.dumps(authserver.MESSAGE_CHECKS)))
         self.assertEqual(found, [list(authserver.verdict(attack, status, message))
                                  for status, message in cases])
+
+
+class HostileHandler(http.server.BaseHTTPRequestHandler):
+    """A server under attack that answers badly in the way its mode says (see HostileServer)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, status, data, content_type="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.paths.append(self.path)
+        if self.path == "/users/logout":
+            self.answer(204, b"")
+        else:
+            self.answer(200, json.dumps({"token": self.server.genuine,
+                                         "refreshToken": self.server.refresh_token}).encode())
+
+    def do_GET(self):
+        token = self.headers.get("Authorization", "").partition(" ")[2]
+        self.server.paths.append(self.path)
+        if token == self.server.genuine:
+            return self.answer(200, b'{"id": 81623, "username": "test"}')
+        self.server.forgeries += 1
+        getattr(self, f"forgery_{self.server.mode}")(token)
+
+    def forgery_list_message(self, token):      # a message that is not text
+        self.answer(401, b'{"message": [1, {"a": 2}]}')
+
+    def forgery_deep(self, token):              # JSON nested past Python's recursion limit
+        self.answer(401, b"[" * 60000)
+
+    def forgery_escapes(self, token):           # a message that would drive the terminal
+        self.answer(401, json.dumps({"message": "\x1b]0;PWNED\x07\x1b[2Jall refused"}).encode())
+
+    def forgery_reset_big(self, token):         # a proxy that cuts a connection it dislikes
+        if len(token) > authserver.MAX_TOKEN_BYTES:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:
+            self.answer(401, b'{"message": "invalid signature"}')
+
+    def forgery_trickle(self, token):           # the first answer, a byte at a time, never whole
+        if self.server.forgeries > 1:
+            return self.answer(401, b'{"message": "invalid signature"}')
+        self.send_response(401)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            while not self.server.stopping.wait(0.05):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+class HostileServer(http.server.ThreadingHTTPServer):
+    """Logs in with a genuine token (and refresh_token), then answers forgeries by mode."""
+
+    daemon_threads = True
+
+    def __init__(self, test, mode, refresh_token="R" * 43):
+        super().__init__(("127.0.0.1", 0), HostileHandler)
+        self.mode, self.refresh_token, self.genuine = mode, refresh_token, token_for()
+        self.paths, self.forgeries, self.stopping = [], 0, threading.Event()
+        serve_in_background(test, self)
+        test.addCleanup(self.stopping.set)
+
+
+class TestAttackHostileServers(unittest.TestCase):
+    """What the server under attack answers is hostile input: never a traceback, a hang or
+    an escape sequence on the terminal, and the report is made whatever one answer was."""
+
+    def setUp(self):
+        self.files = Files(self)
+
+    def attack(self, server, *args):
+        return run_attack("--config", self.files.config, "--url", server.url, "--user", "test",
+                          "--password", "test", *args, guesses=FEW_GUESSES)
+
+    def assert_no_escapes(self, *texts):
+        for text in texts:
+            self.assertNotIn("\x1b", text)
+            self.assertNotIn("\x07", text)
+
+    def test_odd_messages_are_shown_as_text_and_judged_refused(self):
+        for mode, shown in (("list_message", '401 [1, {"a": 2}]: refused'),
+                            ("deep", "401 " + "[" * 40), ("escapes", "401 \\x1b]0;PWNED")):
+            with self.subTest(mode):
+                server = HostileServer(self, mode)
+                code, out, err = self.attack(server)
+                self.assertEqual((code, err), (0, ""))
+                self.assertIn(shown, out)
+                self.assert_no_escapes(out)
+                self.assertEqual(server.paths[-1], "/users/logout")
+
+    def test_a_login_answer_with_an_unsendable_refresh_token_is_not_one(self):
+        for refresh_token in ("abc\r\nX-Injected: 1", "\x1b]0;PWNED\x07", "caf\u00e9"):
+            with self.subTest(refresh_token=refresh_token):
+                server = HostileServer(self, "list_message", refresh_token)
+                code, report = (lambda c, o, e: (c, json.loads(o)))(*self.attack(server, "--json"))
+                self.assertEqual(code, 0)
+                [skipped] = [result for result in report["attacks"]
+                             if result["verdict"] == "skipped" and result["needs"]]
+                self.assertEqual(skipped["needs"], "refresh token")
+                self.assertNotIn("/users/logout", server.paths)
+                code, out, err = self.attack(server)
+                self.assert_no_escapes(out, err)
+
+    def test_a_connection_cut_on_one_forgery_is_unclear_and_the_rest_still_run(self):
+        server = HostileServer(self, "reset_big")
+        code, out, err = self.attack(server)
+        self.assertEqual((code, err), (1, ""))
+        self.assertIn("  unclear  oversized token\n", out)
+        self.assertIn("           no answer: ", out)
+        self.assertEqual(server.forgeries, len(authserver.ATTACKS))
+        self.assertIn("\nVerdict: inconclusive: 1 answers were neither a refusal nor an "
+                      "acceptance (see above).\n", out)
+        self.assertEqual(server.paths[-1], "/users/logout")
+
+    def test_an_answer_that_trickles_is_cut_off_at_the_deadline(self):
+        server = HostileServer(self, "trickle")
+        with mock.patch.object(authserver, "ANSWER_DEADLINE", 0.5):
+            code, report = (lambda c, o, e: (c, json.loads(o)))(*self.attack(server, "--json"))
+        self.assertEqual(code, 1)
+        first = report["attacks"][0]
+        self.assertEqual((first["verdict"], first["answer"]),
+                         ("unclear", "no answer: no whole answer within 0.5 s"))
+        self.assertEqual(report["counts"]["refused"], len(authserver.ATTACKS) - 1)
+
+
+class TestAttackLeeway(unittest.TestCase):
+    """The forgeries signed with the server's key outrun its leeway, and never a token's exp."""
+
+    def test_with_a_long_leeway_every_forgery_is_still_refused_and_none_outlives_the_token(self):
+        files = Files(self, leeway=120, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        genuine = token_for(lifetime=-100)      # past its exp, still within the leeway
+        status, _, body = exchange(server, "GET", "/attacks", headers=bearer(genuine))
+        self.assertEqual(status, 200, body)
+        attacks = {attack["name"]: attack for attack in json.loads(body)["attacks"]}
+        genuine_exp = decode_token(genuine, SECRET, leeway=120)["exp"]
+        for name, message in (("expired token replayed", "jwt expired"),
+                              ("nbf in the future", "jwt not active")):
+            with self.subTest(name):
+                token = attacks[name]["token"]
+                self.assertLessEqual(json.loads(b64url_decode(token.split(".")[1]))["exp"],
+                                     genuine_exp)
+                status, _, answer = exchange(server, "GET", "/users/getInfo",
+                                             headers=bearer(token))
+                self.assertEqual((status, json.loads(answer)["message"]), (401, message))
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code, out, err = run_attack("--config", files.config, "--url", url, "--user", "test",
+                                    "--password", "test", "--json", guesses=FEW_GUESSES)
+        self.assertEqual((code, json.loads(out)["counts"]["refused"]),
+                         (0, len(authserver.ATTACKS)))
+
+
+class TestAttackSecretsAndArguments(unittest.TestCase):
+
+    def test_a_secret_from_the_wordlist_refuses_to_start_and_says_so_without_showing_it(self):
+        for secret in ("nodejs-jwt-auth-server-private-key", "Nodejs-jwt-auth-server-private-key7",
+                       "correct horse battery staple, 32B+",
+                       "A-STRING-SECRET-AT-LEAST-256-BITS-LONG999"):
+            with self.subTest(secret=secret):
+                files = Files(self, secret=secret)
+                code, out, err = main_in_process("--config", files.config, "token", "test")
+                self.assertEqual((code, out), (2, ""))
+                self.assertIn("is a key copied from tutorials and examples", err)
+                self.assertNotIn(secret, err)
+        self.assertEqual(authserver.checked_secret(SECRET, "x"), SECRET.encode())
+        # in_wordlist agrees with the list the attack tries, without making it.
+        guesses = set(authserver.wordlist_guesses())
+        for text in ("secret", "Secret0", "SECRET999", "secret1000", "secret01", "secret-1",
+                     "Jwt_secret42", "jwt_secret42 ", "keyboard cat7"):
+            self.assertEqual(authserver.in_wordlist(text), text in guesses, text)
+
+    def test_host_and_port_before_the_command_name_the_server_and_a_pasted_header_is_taken(self):
+        files = Files(self, passwordIterations=FAST_ITERATIONS)
+        server = start_server(self, files)
+        port = server.server_address[1]
+        code, out, err = main_in_process("--host", "127.0.0.1", "--port", port, "attack",
+                                         "--config", files.config, "--token",
+                                         f"Bearer {token_for()}", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out)["url"], f"http://127.0.0.1:{port}")
