@@ -2075,6 +2075,23 @@ def local_date(seconds):
 BROWSER_REASON = "no chromium / chrome on PATH (or not a POSIX system, where the pipe works)"
 
 
+class ModuleScope:
+    """Cleanups for what lives as long as this module's tests: run after the last of them."""
+    addCleanup = staticmethod(unittest.addModuleCleanup)
+
+
+SHARED = {}
+
+
+def shared_browser():
+    """One headless browser for every class that drives pages (each in tabs of its own):
+    started once, closed when the module's tests end."""
+    if "browser" not in SHARED:
+        SHARED["browser"] = Browser(ModuleScope())
+        unittest.addModuleCleanup(SHARED.pop, "browser", None)
+    return SHARED["browser"]
+
+
 @unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
 class TestPageInBrowser(unittest.TestCase):
     """The page in headless Chromium, driven by links (#token=...&tamper&verify): the DOM."""
@@ -2082,7 +2099,7 @@ class TestPageInBrowser(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.server = start_server(cls)
-        cls.browser = Browser(cls)
+        cls.browser = shared_browser()
         base = f"http://127.0.0.1:{cls.server.server_address[1]}/"
         now = int(time.time())
         cls.valid = token_for(now=now, lifetime=3600)
@@ -4216,7 +4233,7 @@ class TestPageLabLessons(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.server = start_server(ClassScope(cls))
-        cls.browser = Browser(ClassScope(cls))
+        cls.browser = shared_browser()
         cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}/"
 
     def logged_in(self, url=None):
@@ -5887,7 +5904,8 @@ class TestAttackCommand(unittest.TestCase):
     def test_a_server_signing_with_secret_is_caught_online_and_offline_and_never_shown(self):
         stand_in = VulnerableServer(self, "secret")
         code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
-                                        "--user", "test", "--password", "test")
+                                        "--user", "test", "--password", "test",
+                                        guesses=FEW_GUESSES)
         self.assertEqual(code, 1)
         # Accepted, that attack's name would say the key: it says "from the wordlist".
         self.assertEqual([result["name"] for result in report["attacks"]
@@ -5904,7 +5922,8 @@ class TestAttackCommand(unittest.TestCase):
                       "shown here.)", out)
         self.assertNotIn("Jwt_secret42", out)
         code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
-                                        "--user", "test", "--password", "test")
+                                        "--user", "test", "--password", "test",
+                                        guesses=["x", "Jwt_secret42"])
         self.assertNotIn("Jwt_secret42", json.dumps(report))
         self.assertEqual((code, report["secret"]["found"], report["counts"]["ACCEPTED"]),
                          (1, True, 0))
@@ -6122,7 +6141,7 @@ class TestLabPageAttackIt(unittest.TestCase):
     def setUpClass(cls):
         scope = ClassScope(cls)
         cls.server = start_server(scope, Files(scope))
-        cls.browser = Browser(scope)
+        cls.browser = shared_browser()
         cls.url = f"http://127.0.0.1:{cls.server.server_address[1]}/"
         genuine = authserver.Genuine(token_for(), SECRET)
         named = {attack.name: attack for attack in authserver.ATTACKS}
