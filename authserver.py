@@ -1001,14 +1001,16 @@ def key_bits(key):
     return min(len(text) * math.log2(max(alphabet, 2)), 256.0)   # HMAC-SHA256 holds 256 at most
 
 
-def search_times(rate, bits=None):
-    """[(what, how long a search of all of them takes at rate guesses a second)]."""
+def search_times(rate, key=None):
+    """[(what, how long a search of all of them takes at rate guesses a second)]: keys of
+    common kinds, and one of key's length and kinds of character, were they random."""
     rows = [("a word from a 100,000-word dictionary", 1e5),
             ("6 random lowercase letters", 26.0 ** 6),
             ("10 random characters of any kind", 95.0 ** 10),
             ("256 random bits, as authserver makes", 2.0 ** 256)]
-    if bits is not None:
-        rows.append((f"the configured secret, were it random: {bits:.0f} bits", 2.0 ** bits))
+    if key is not None:
+        length, bits = len(key.decode("utf-8", "replace")), key_bits(key)
+        rows.append((f"the configured secret: {length} characters, {bits:.0f} bits", 2.0 ** bits))
     return [(what, count / rate) for what, count in rows]
 
 
@@ -4138,11 +4140,12 @@ def secret_strength(token, key):
     found, tried, seconds = guess_secret(token, wordlist_guesses())
     rate = tried / max(seconds, 1e-9)
     # The configured secret's row only where it is known, and not when it was just found.
-    bits = key_bits(key) if key is not None and not found else None
+    known = key if key is not None and not found else None
     return {"found": found, "guesses": tried, "seconds": round(seconds, 3),
-            "perSecond": round(rate), "configuredBits": bits and round(bits),
+            "perSecond": round(rate),
+            "configuredBits": None if known is None else round(key_bits(known)),
             "searchTimes": [{"what": what, "seconds": time_needed}
-                            for what, time_needed in search_times(rate, bits)]}
+                            for what, time_needed in search_times(rate, known)]}
 
 
 def attack_command(args):
@@ -4258,7 +4261,7 @@ def secret_lines(strength, narrator, width):
     else:
         lines.append("  " + narrator.paint("Not found in the wordlist.", "ok"))
     lines.append("  At that rate, a search of every key of a kind takes:")
-    lines += [f"    {row['what']:<48} {duration_text(row['seconds'])}"
+    lines += [f"    {row['what']:<50} {duration_text(row['seconds'])}"
               for row in strength["searchTimes"]]
     return lines + textwrap.wrap(
         f"(The universe is {UNIVERSE_AGE_YEARS:.1e} years old. Hardware built for guessing "
