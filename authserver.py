@@ -691,14 +691,13 @@ FORGER_KEY = b"attacker-key"     # what a forger signs with when it names its ow
 class Genuine:
     """A token the server issued, taken apart: what every forgery starts from."""
 
-    def __init__(self, token, key=None, refresh_token=None, now=None, leeway=0):
+    def __init__(self, token, key=None, refresh_token=None, now=None):
         self.token = token
         self.header_segment, self.payload_segment, self.signature_segment = split_token(token)
         # Read, not trusted: a forger copies the claims, which anyone can read.
         self.claims = parse_json_object(b64url_decode(self.payload_segment))
         self.key, self.refresh_token = key, refresh_token
         self.now = time.time() if now is None else now
-        self.leeway = leeway        # the server's: what "expired" and "not yet" must outrun
 
 
 def segment(value):
@@ -836,6 +835,12 @@ def key_guess_name(key):
 KEY_GUESS_NAMES = frozenset(key_guess_name(key) for key in ONLINE_GUESSES)
 
 
+def a_year_on_with(key):
+    """The genuine claims with exp a year on, signed with key."""
+    return lambda genuine: signed_with(key, HS256_HEADER, {
+        **genuine.claims, "exp": a_year_on(genuine.claims.get("exp"), genuine.now)})
+
+
 def signature_attacks():
     """Step 3: a signature removed or kept on edited claims, or made with another key."""
     yield Attack("signature removed", "the genuine header and payload, and an empty "
@@ -850,10 +855,9 @@ def signature_attacks():
                      "check_signature", "invalid signature", "RFC 7515 §5.2", None,
                      claims_changed(name, change))
     for key in ONLINE_GUESSES:
-        yield Attack(key_guess_name(key), "a key from tutorials and examples; "
-                     "with it, a forger could sign any claims (username admin, exp in 2099)",
-                     "check_signature", "invalid signature", "RFC 8725 §2.2, §3.5", None,
-                     signed_by(key, HS256_HEADER))
+        yield Attack(key_guess_name(key), "a key from tutorials and examples, and with it "
+                     "any claims a forger likes: here exp a year on", "check_signature",
+                     "invalid signature", "RFC 8725 §2.2, §3.5", None, a_year_on_with(key))
     # Headers that name a key: a server that follows them lets the forger choose it. The
     # URLs are loopback ones: the attack never names a place outside this machine.
     injections = (
@@ -884,23 +888,27 @@ def signature_attacks():
 
 # -- Step 5, check_claims: a genuine signature, at the wrong time ------------------------
 
+# Twice the longest leeway a server may allow (config's leeway is at most a day): the time
+# forgeries are out of reach of any server's leeway, and of any clock off by less.
+OUT_OF_REACH = 2 * NUMBER_SETTINGS["leeway"][2]
+
+
 def expired(genuine):
-    """The genuine claims moved back: expired a minute before the server's leeway reaches,
-    and never later than the genuine token (which may itself be in its leeway)."""
-    claims, exp = genuine.claims, math.floor(genuine.now - genuine.leeway) - 60
-    if is_number(claims.get("exp")):
-        exp = min(exp, math.floor(claims["exp"]))
-    lifetime = claims["exp"] - claims["iat"] if is_number(claims.get("iat")) and is_number(
-        claims.get("exp")) else 3600
-    return encode_token({**claims, "iat": int(exp - lifetime), "exp": exp}, genuine.key)
+    """The genuine claims, iat kept, exp moved back two days before iat: refused by every
+    server, whatever its leeway or clock, as expired, and never later than the genuine."""
+    claims = genuine.claims
+    first = min(value for value in (claims.get("iat"), claims.get("exp"), genuine.now)
+                if is_number(value))
+    return encode_token({**claims, "exp": math.floor(first) - OUT_OF_REACH - 60}, genuine.key)
 
 
 def not_yet_valid(genuine):
-    """nbf past both the genuine exp and the server's leeway, exp kept: never valid where
-    nbf is checked, and no more than the genuine token where it is not."""
+    """The genuine claims, exp kept, nbf two days past it: never valid where nbf is
+    checked, and no more than the genuine token where it is not."""
     exp = genuine.claims.get("exp")
-    nbf = max(exp if is_number(exp) else 0, math.ceil(genuine.now)) + genuine.leeway + 1
-    return encode_token({**genuine.claims, "nbf": math.ceil(nbf)}, genuine.key)
+    latest = max(exp, genuine.now) if is_number(exp) else genuine.now
+    return encode_token({**genuine.claims, "nbf": math.ceil(latest) + OUT_OF_REACH + 1},
+                        genuine.key)
 
 
 def time_attacks():
@@ -917,12 +925,22 @@ ATTACKS = [*shape_attacks(), *none_attacks(), *algorithm_attacks(), *signature_a
            *time_attacks()]
 
 
+def unmet_need(attack, genuine):
+    """What attack needs and genuine lacks: "key", "refresh token", or None."""
+    if attack.needs == "key" and genuine.key is None:
+        return "key"
+    if attack.needs == "refresh token" and not genuine.refresh_token:
+        return "refresh token"
+    return None
+
+
 def forged(attack, genuine):
-    """attack's token, or None when it needs what genuine lacks (the key, a refresh token)."""
-    if (attack.needs == "key" and genuine.key is None
-            or attack.needs == "refresh token" and not genuine.refresh_token):
+    """attack's token, or None when it needs what genuine lacks (the key, a refresh token),
+    or when it is the genuine token itself (alg RS256 kept on an RS256 token, say)."""
+    if unmet_need(attack, genuine):
         return None
-    return attack.forge(genuine)
+    token = attack.forge(genuine)
+    return None if token == genuine.token else token
 
 
 def header_text(token):
@@ -2351,8 +2369,7 @@ def list_attacks(request):
     never to be more than the token it came from (see section 4). The refresh-token attack
     comes without a token: the page holds its refresh token, and sends that.
     """
-    genuine = Genuine(bearer_token(request.headers), request.server.key,
-                      leeway=request.server.config["leeway"])
+    genuine = Genuine(bearer_token(request.headers), request.server.key)
     return Response(200, {"target": "GET /users/getInfo", "checks": CHECKS,
                           "messages": MESSAGE_CHECKS,
                           "attacks": [attack_fields(attack, forged(attack, genuine))
@@ -3993,14 +4010,15 @@ class Target:
                 raise http.client.IncompleteRead(data)      # cut off, or closed early
             return response.status, answer_of(data)
         except ssl.SSLCertVerificationError as error:
-            raise ConfigError(f"{self.url}: {error.verify_message}; to trust a self-signed "
-                              f"certificate, give it: --tls-cert cert.pem") from None
+            raise ConfigError(f"{printable(self.url)}: {error.verify_message}; to trust a "
+                              f"self-signed certificate, give it: --tls-cert cert.pem") from None
         except (OSError, http.client.HTTPException, ValueError) as error:
             why = (f"no whole answer within {ANSWER_DEADLINE} s" if too_late.is_set()
                    else str(error) or type(error).__name__)
             raise Unanswered(printable(why)) from None
         finally:
             deadline.cancel()
+            deadline.join()         # a cut_off under way finishes before the socket closes
             connection.close()
 
     def ask(self, method, path, body=None, headers=None):
@@ -4008,7 +4026,7 @@ class Target:
         try:
             return self.send(method, path, body, headers)
         except Unanswered as error:
-            raise ConfigError(f"{self.url}: {error} (is the server running? "
+            raise ConfigError(f"{printable(self.url)}: {error} (is the server running? "
                               f"python authserver.py)") from None
 
 
@@ -4073,7 +4091,7 @@ def genuine_token(args, target):
                                 {"Content-Type": "application/json"})
     token, refresh_token = answer.get("token"), answer.get("refreshToken")
     if status != 200 or not isinstance(token, str):
-        raise ConfigError(f"logging in as {args.user!r} at {target.url}: "
+        raise ConfigError(f"logging in as {args.user!r} at {printable(target.url)}: "
                           f"{answer_text(status, answer)}")
     # A refresh token that could not be sent as it is (a line break, an escape) is not one.
     sendable = isinstance(refresh_token, str) and SENDABLE.fullmatch(refresh_token)
@@ -4081,8 +4099,7 @@ def genuine_token(args, target):
 
 
 def server_secret(args, token):
-    """(key, leeway): this machine's secret and leeway, if it is the secret that signed
-    token; else (None, 0).
+    """This machine's secret, if it is the secret that signed token; else None.
 
     Only the key's holder can make the attacks marked needs="key"; run beside the server,
     with its config, attack is that holder. The secret is read, never made (load_secret
@@ -4096,10 +4113,10 @@ def server_secret(args, token):
             path = config["path"].parent / config["secretFile"]
             key = checked_secret(path.read_text(encoding="utf-8-sig").strip(), "secret file")
     except (ConfigError, OSError):
-        return None, 0
+        return None
     header_segment, payload_segment, signature_segment = token.split(".")
     signature = b64url_encode(sign(f"{header_segment}.{payload_segment}".encode("ascii"), key))
-    return (key, config["leeway"]) if hmac.compare_digest(signature, signature_segment) else (None, 0)
+    return key if hmac.compare_digest(signature, signature_segment) else None
 
 
 def genuine_of(args, token, refresh_token):
@@ -4111,28 +4128,61 @@ def genuine_of(args, token, refresh_token):
         b64url_decode(genuine.signature_segment)
     except (TokenError, ValueError):
         raise ConfigError("the genuine token is not a JWT (header.payload.signature)") from None
-    genuine.key, genuine.leeway = server_secret(args, token)
+    genuine.key = server_secret(args, token)
     return genuine
+
+
+MAX_UNANSWERED = 3      # requests in a row without an answer, before the rest are not sent
+
+
+def run_attacks(genuine, target):
+    """Every attack sent in turn, unless the server stops answering: the results."""
+    results, unanswered = [], 0
+    for attack in ATTACKS:
+        if unanswered >= MAX_UNANSWERED:   # else a silent server costs 30 s an attack
+            results.append(attack_result(attack, None, "unclear", "not sent: the server "
+                                         "stopped answering"))
+            continue
+        results.append(run_attack(attack, genuine, target))
+        answered = results[-1]["status"] is not None or results[-1]["verdict"] == "skipped"
+        unanswered = 0 if answered else unanswered + 1
+    return hide_the_key(results)
+
+
+def attack_result(attack, token, verdict_word, answer=None, skipped=None):
+    """What the report and --json say of one attack (the answer's fields still empty)."""
+    return {**attack_fields(attack, token), "status": None, "answer": answer,
+            "verdict": verdict_word, "refusedBy": None, "skipped": skipped}
 
 
 def run_attack(attack, genuine, target):
     """Send attack's forged token to GET /users/getInfo: attack_fields with the answer."""
     token = forged(attack, genuine)
-    result = {**attack_fields(attack, token), "status": None, "answer": None,
-              "verdict": "skipped", "refusedBy": None}
     if token is None:
-        return result
+        return attack_result(attack, None, "skipped", skipped=unmet_need(attack, genuine) or "same")
+    result = attack_result(attack, token, "unclear")
+    if attack.needs == "refresh token":     # shown in part only: it may still be live
+        result["token"] = f"{token[:8]}...{token[-4:]} (the refresh token, not shown whole)"
     try:
         status, answer = target.send("GET", "/users/getInfo",
                                      headers={"Authorization": f"Bearer {token}"})
     except Unanswered as error:     # a proxy in front may cut a connection it dislikes
-        return {**result, "answer": f"no answer: {error}", "verdict": "unclear"}
+        return {**result, "answer": f"no answer: {error}"}
     result["status"], result["answer"] = status, answer["message"]
     result["verdict"], result["refusedBy"] = verdict(attack, status, answer["message"])
-    if result["verdict"] == "ACCEPTED" and attack.name in KEY_GUESS_NAMES:
-        # The name would say which key the server signs with: found, but never shown.
-        result["name"] = "signed with a key from the wordlist (which one is not shown)"
     return result
+
+
+def hide_the_key(results):
+    """results, where the server took one of the keys the attack guessed, without saying
+    which: every such row alike, without its token (which that key, and only it, signed)."""
+    guesses = [result for result in results if result["name"] in KEY_GUESS_NAMES]
+    if not any(result["verdict"] == "ACCEPTED" for result in guesses):
+        return results
+    for result in guesses:
+        result.update(name="signed with a key from the wordlist (which one is not shown)",
+                      token=None)
+    return results
 
 
 def secret_strength(token, key):
@@ -4160,7 +4210,7 @@ def attack_command(args):
         if status != 200:   # then a refusal of a forgery would prove nothing
             raise ConfigError(f"the genuine token itself is refused: "
                               f"{answer_text(status, answer)}")
-        results = [run_attack(attack, genuine, target) for attack in ATTACKS]
+        results = run_attacks(genuine, target)
     finally:
         if refresh_token:   # leave no session behind: the tokens printed below are dead
             log_out(target, refresh_token)
@@ -4185,9 +4235,9 @@ def log_out(target, refresh_token):
     except (Unanswered, ConfigError) as error:
         status, answer = None, {"message": str(error)}
     if status != 204:
-        print(f"authserver: the attack's session was not logged out "
-              f"({printable(str(answer.get('message')))}): its tokens are live until they "
-              f"expire", file=sys.stderr)
+        said = answer_text(status, answer) if status else printable(answer["message"])
+        print(f"authserver: the attack's session was not logged out ({said}): its tokens are "
+              f"live until they expire", file=sys.stderr)
 
 
 # -- attack's report ------------------------------------------------------------------
@@ -4195,6 +4245,7 @@ def log_out(target, refresh_token):
 SKIP_REASONS = {
     "key": "needs the server's key: run attack beside the server, with its config",
     "refresh token": "needs a refresh token: log in with --user rather than --token",
+    "same": "made from this token, it would be the token itself: nothing to send",
 }
 VERDICT_MARKS = {"refused": ("refused ", "ok"), "ACCEPTED": ("ACCEPTED", "fail"),
                  "unclear": ("unclear ", "fail"), "skipped": ("skipped ", "dim")}
@@ -4222,11 +4273,12 @@ def attack_lines(result, narrator, width):
     lines = [f"  {narrator.paint(mark, style)} {printable(result['name'])}",
              *indented(result["tries"], width, narrator)]
     if result["verdict"] == "skipped":
-        return lines + indented(SKIP_REASONS[result["needs"]], width, narrator)
+        return lines + indented(SKIP_REASONS[result["skipped"]], width, narrator)
     room = width - len(ATTACK_INDENT)
     if result["header"] is not None:
         lines.append(ATTACK_INDENT + cut_to(f"header {printable(result['header'])}", room))
-    lines.append(ATTACK_INDENT + narrator.paint(cut_to(printable(result["token"]), room), "dim"))
+    token = result["token"] or "(the token is not shown: it would tell the key)"
+    lines.append(ATTACK_INDENT + narrator.paint(cut_to(printable(token), room), "dim"))
     answer = (result["answer"] if result["status"] is None     # no answer: why not
               else answer_text(result["status"], {"message": result["answer"]}))
     return lines + indented(f"{answer}: {attack_outcome(result)}", width, narrator,
@@ -4286,7 +4338,7 @@ def print_attack_report(target, results, counts, strength):
     """The report: the attacks, grouped by the step they aim at; the secret; the verdict."""
     narrator = Narrator(sys.stdout)
     width = min(max(shutil.get_terminal_size((100, 24)).columns, 60), 100) - 1
-    for line in textwrap.wrap(f"Attacking {target.url}, your own server: a genuine token, which "
+    for line in textwrap.wrap(f"Attacking {printable(target.url)}, your own server: a genuine token, which "
                               f"it accepts, forged {len(results)} ways, each sent to GET "
                               f"/users/getInfo.", width):
         narrator.say(line)
@@ -4427,6 +4479,11 @@ def build_parser():
 
 
 def main(argv=None):
+    # A character the console's encoding lacks (in a server's message, a token's claims) is
+    # shown as an escape rather than ending in a traceback: Windows writes cp1252 to a file.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         code = args.action(args)

@@ -5907,10 +5907,13 @@ class TestAttackCommand(unittest.TestCase):
                                         "--user", "test", "--password", "test",
                                         guesses=FEW_GUESSES)
         self.assertEqual(code, 1)
-        # Accepted, that attack's name would say the key: it says "from the wordlist".
+        # Accepted, that attack's name (or its place among the six, or its token) would say
+        # the key: all six are named alike, and their tokens are left out.
+        hidden = "signed with a key from the wordlist (which one is not shown)"
         self.assertEqual([result["name"] for result in report["attacks"]
-                          if result["verdict"] == "ACCEPTED"],
-                         ["signed with a key from the wordlist (which one is not shown)"])
+                          if result["verdict"] == "ACCEPTED"], [hidden])
+        guesses = [result for result in report["attacks"] if result["name"] == hidden]
+        self.assertEqual([result["token"] for result in guesses], [None] * 6)
         self.assertNotIn('"secret"', json.dumps(report["attacks"]))
         self.assertTrue(report["secret"]["found"])
         # A key the online attacks do not try, found offline, and shown nowhere.
@@ -5978,7 +5981,7 @@ class TestAttackCommand(unittest.TestCase):
         code, out, err = run_attack("--config", self.files.config, "--url", stand_in.url,
                                     "--user", "test", "--password", "test", guesses=FEW_GUESSES)
         self.assertEqual(code, 0)
-        self.assertEqual(err, "authserver: the attack's session was not logged out (the "
+        self.assertEqual(err, "authserver: the attack's session was not logged out (500 the "
                               "database is down): its tokens are live until they expire\n")
         self.assertEqual(stand_in.requests[-1][:2], ("POST", "/users/logout"))
         self.assertIn("Verdict: every attack was refused", out)
@@ -6394,6 +6397,10 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.answer(401, b'{"message": "invalid signature"}')
 
+    def forgery_silent(self, token):            # a server that stops answering
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
     def forgery_trickle(self, token):           # the first answer, a byte at a time, never whole
         if self.server.forgeries > 1:
             return self.answer(401, b'{"message": "invalid signature"}')
@@ -6473,6 +6480,26 @@ class TestAttackHostileServers(unittest.TestCase):
                       "acceptance (see above).\n", out)
         self.assertEqual(server.paths[-1], "/users/logout")
 
+    def test_a_server_that_stops_answering_is_not_sent_the_rest(self):
+        server = HostileServer(self, "silent")
+        code, report = (lambda c, o, e: (c, json.loads(o)))(*self.attack(server, "--json"))
+        self.assertEqual((code, server.forgeries), (1, authserver.MAX_UNANSWERED))
+        answers = [result["answer"] for result in report["attacks"]]
+        self.assertTrue(all(answer.startswith("no answer: ")
+                            for answer in answers[:authserver.MAX_UNANSWERED]), answers)
+        self.assertEqual(set(answers[authserver.MAX_UNANSWERED:]),
+                         {"not sent: the server stopped answering"})
+        self.assertEqual(report["counts"]["unclear"], len(authserver.ATTACKS))
+        self.assertEqual(server.paths[-1], "/users/logout")
+
+    def test_the_refresh_token_is_shown_in_part_only(self):
+        server = HostileServer(self, "list_message", refresh_token="Rr" * 21 + "X")
+        code, report = (lambda c, o, e: (c, json.loads(o)))(*self.attack(server, "--json"))
+        [row] = [result for result in report["attacks"] if result["needs"] == "refresh token"]
+        self.assertEqual(row["token"], "RrRrRrRr...rRrX (the refresh token, not shown whole)")
+        code, out, err = self.attack(server)
+        self.assertNotIn("Rr" * 21 + "X", out + err)
+
     def test_an_answer_that_trickles_is_cut_off_at_the_deadline(self):
         server = HostileServer(self, "trickle")
         with mock.patch.object(authserver, "ANSWER_DEADLINE", 0.5):
@@ -6539,3 +6566,90 @@ class TestAttackSecretsAndArguments(unittest.TestCase):
                                          f"Bearer {token_for()}", "--json")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(json.loads(out)["url"], f"http://127.0.0.1:{port}")
+
+
+class HugeAnswerHandler(AttackStubHandler):
+    """AttackStub's, but what it accepts it answers with a megabyte: one long "word"."""
+
+    def do_GET(self):
+        if self.path == "/users/getInfo" and json.loads(authserver.header_text(
+                self.headers.get("Authorization", "").partition(" ")[2]) or "{}").get("alg") == "none":
+            self.server.paths.append(self.path)
+            return self.answer(200, {"username": "eyJ" + "a" * 1_000_000})
+        super().do_GET()
+
+
+@unittest.skipUnless(BROWSER and os.name == "posix", BROWSER_REASON)
+class TestLabPageHostileAnswers(unittest.TestCase):
+    """A server's answers are hostile input to the page too: values of any type, tokens
+    that cannot be sent, a megabyte of answer. The panel finishes, and says what it saw."""
+
+    def test_odd_values_an_unsendable_token_and_a_huge_answer(self):
+        genuine = authserver.Genuine(token_for(), SECRET)
+        none = next(attack for attack in authserver.ATTACKS if attack.name == 'alg "none", no signature')
+        odd = {"name": {"toString": 1}, "tries": 5, "check": {"toString": 1}, "message": [1],
+               "reference": None, "needs": None, "token": "eyJ.abc\ndef", "header": {"a": 1}}
+        stub = AttackStub(self, [odd, authserver.attack_fields(none, none.forge(genuine))])
+        stub.RequestHandlerClass = HugeAnswerHandler
+        tab = shared_browser().open((HERE / "test.html").as_uri() + "?api=" + stub.url)
+        TestLabPageAttackIt.start_login(tab)
+        tab.result()
+        tab.click("attackBtn")
+        self.assertEqual(TestLabPageAttackIt.finished(tab),
+                         ["2 attacks: 1 ACCEPTED, 1 skipped. ACCEPTED: this server took a "
+                          "forged token, it is vulnerable.", "bad"])
+        odd_row, none_row = tab.evaluate(ATTACK_ROWS)
+        self.assertEqual((odd_row["name"], odd_row["tries"], odd_row["header"]),
+                         ('{"toString":1}', "5", '{"a":1}'))
+        self.assertEqual(odd_row["verdict"], "skipped: this token cannot go in a header as it is")
+        self.assertEqual(stub.paths, ["/attacks", "/users/getInfo"])
+        tab.evaluate("document.querySelectorAll('#attackRows tr')[1].click()")
+        shown = tab.wait_for("(text => text.endsWith('characters in all)') && text)"
+                             "(document.getElementById('output').textContent)")
+        self.assertLess(len(shown), 70000)
+        whole = len(json.dumps({"username": "eyJ" + "a" * 1_000_000}))
+        self.assertTrue(shown.endswith(f"… ({whole} characters in all)"), shown[-80:])
+
+
+class TestAttackForgeries(unittest.TestCase):
+    """Section 4's forgeries, as pure functions."""
+
+    def test_the_time_forgeries_are_refused_whatever_the_leeway_and_never_outlive_the_token(self):
+        now = 1_800_000_000
+        for claims in ({"id": 1, "username": "a", "iat": now - 10, "exp": now + 3600},
+                       {"id": 1, "username": "a", "iat": now - 0.5, "exp": now + 0.25},
+                       {"id": 1, "username": "a", "exp": 10 ** 400},      # beyond a float
+                       {"id": 1, "username": "a", "iat": float(now), "exp": now - 30}):
+            genuine = authserver.Genuine(encode_token(claims, SECRET), SECRET.encode(), now=now)
+            expired, not_yet = authserver.expired(genuine), authserver.not_yet_valid(genuine)
+            for leeway in (0, 0.5, 61, 86400):
+                with self.subTest(claims=claims, leeway=leeway):
+                    with self.assertRaises(authserver.TokenExpiredError):
+                        decode_token(expired, SECRET, now=now, leeway=leeway)
+                    with self.assertRaises(authserver.NotBeforeError):
+                        decode_token(not_yet, SECRET, now=now, leeway=leeway)
+            for token in (expired, not_yet):
+                forged_claims = json.loads(b64url_decode(token.split(".")[1]))
+                self.assertLessEqual(forged_claims["exp"], claims["exp"])
+                self.assertEqual(forged_claims.get("iat"), claims.get("iat"))
+
+    def test_a_forgery_that_would_be_the_token_itself_is_not_made(self):
+        rs256 = authserver.signed_with(SECRET, {"alg": "RS256", "typ": "JWT"},
+                                       {"id": 1, "username": "a", "exp": 2 ** 40})
+        genuine = authserver.Genuine(rs256)
+        [kept] = [attack for attack in authserver.ATTACKS
+                  if attack.name == 'alg "RS256", signature kept']
+        self.assertIsNone(authserver.forged(kept, genuine))
+        result = authserver.run_attack(kept, genuine, target=None)
+        self.assertEqual((result["verdict"], result["skipped"]), ("skipped", "same"))
+
+    def test_a_console_without_the_characters_gets_escapes_not_a_traceback(self):
+        files = Files(self)
+        result = subprocess.run([sys.executable, str(HERE / "authserver.py"), "--users",
+                                 str(files.users), "explain", "--config", str(files.config),
+                                 token_for(555, "café", username_extra="☃")],
+                                capture_output=True, timeout=30,
+                                env={**os.environ, "NO_COLOR": "1", "PYTHONIOENCODING": "ascii"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"caf\\xe9", result.stdout)
+        self.assertNotIn(b"Traceback", result.stderr)
