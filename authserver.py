@@ -657,7 +657,8 @@ def decode_token(token, secret, now=None, leeway=0, issuer=None, audience=None):
 # A forger has no key. A few attacks are there to show a later step at work (a genuine
 # signature on another algorithm, or on an exp gone by), and only the key's holder can
 # make those: they are marked needs="key". Each is worth no more than the genuine token it
-# is made from: the same user and session, never valid later.
+# is made from: the same user and session, never valid later, and (expired, not_yet_valid)
+# out of reach of any server's leeway.
 
 Attack = namedtuple("Attack", "name tries check message reference needs forge")
 # name, tries        what the attack is, and what it tries, in a line each
@@ -721,7 +722,8 @@ def unsigned(header):
 
 def header_changed(header):
     """header, with the genuine payload and signature."""
-    return lambda genuine: f"{segment(header)}.{genuine.payload_segment}.{genuine.signature_segment}"
+    return lambda genuine: ".".join((segment(header), genuine.payload_segment,
+                                     genuine.signature_segment))
 
 
 def signed_by(key, header, digest="sha256"):
@@ -738,8 +740,9 @@ def padded(genuine):
 
 
 def plain_base64(genuine):
-    """The genuine token in plain base64: + / for - _, and padded. A 32-byte signature is 43
-    characters, so it always gains an "=": this is never the token as the server wrote it."""
+    """The genuine token in plain base64: + / for - _, and padded. (HS256's 32-byte signature
+    is 43 characters, so it always gains an "="; forged() drops a forgery that changed
+    nothing, as this one might for another algorithm.)"""
     return padded(genuine).translate(str.maketrans("-_", "+/"))
 
 
@@ -4338,9 +4341,9 @@ def print_attack_report(target, results, counts, strength):
     """The report: the attacks, grouped by the step they aim at; the secret; the verdict."""
     narrator = Narrator(sys.stdout)
     width = min(max(shutil.get_terminal_size((100, 24)).columns, 60), 100) - 1
-    for line in textwrap.wrap(f"Attacking {printable(target.url)}, your own server: a genuine token, which "
-                              f"it accepts, forged {len(results)} ways, each sent to GET "
-                              f"/users/getInfo.", width):
+    for line in textwrap.wrap(f"Attacking {printable(target.url)}, your own server: a genuine "
+                              f"token, which it accepts, forged {len(results)} ways, each sent "
+                              f"to GET /users/getInfo.", width):
         narrator.say(line)
     check = None
     for result in results:

@@ -6376,10 +6376,13 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         token = self.headers.get("Authorization", "").partition(" ")[2]
         self.server.paths.append(self.path)
-        if token == self.server.genuine:
+        if token == self.server.genuine and self.server.mode != "refuse_all":
             return self.answer(200, b'{"id": 81623, "username": "test"}')
         self.server.forgeries += 1
         getattr(self, f"forgery_{self.server.mode}")(token)
+
+    def forgery_refuse_all(self, token):        # the genuine token too
+        self.answer(401, b'{"message": "jwt expired"}')
 
     def forgery_list_message(self, token):      # a message that is not text
         self.answer(401, b'{"message": [1, {"a": 2}]}')
@@ -6491,6 +6494,13 @@ class TestAttackHostileServers(unittest.TestCase):
                          {"not sent: the server stopped answering"})
         self.assertEqual(report["counts"]["unclear"], len(authserver.ATTACKS))
         self.assertEqual(server.paths[-1], "/users/logout")
+
+    def test_a_run_that_stops_halfway_still_logs_its_session_out(self):
+        server = HostileServer(self, "refuse_all")
+        code, out, err = self.attack(server)
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(err, "authserver: the genuine token itself is refused: 401 jwt expired\n")
+        self.assertEqual(server.paths, ["/users/authenticate", "/users/getInfo", "/users/logout"])
 
     def test_the_refresh_token_is_shown_in_part_only(self):
         server = HostileServer(self, "list_message", refresh_token="Rr" * 21 + "X")
