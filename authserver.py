@@ -4178,14 +4178,18 @@ def run_attack(attack, genuine, target):
 
 def hide_the_key(results):
     """results, where the server took one of the keys the attack guessed, without saying
-    which: every such row alike, without its token (which that key, and only it, signed)."""
+    which: the guesses folded into one row, without a token. A row each would say it by
+    its name, its place in the list, or its token (which that key, and only it, signed)."""
     guesses = [result for result in results if result["name"] in KEY_GUESS_NAMES]
-    if not any(result["verdict"] == "ACCEPTED" for result in guesses):
+    taken = [result for result in guesses if result["verdict"] == "ACCEPTED"]
+    if not taken:
         return results
-    for result in guesses:
-        result.update(name="signed with a key from the wordlist (which one is not shown)",
-                      token=None)
-    return results
+    folded = {**taken[0], "name": "signed with a key from the wordlist (which one is not "
+              "shown)", "tries": f"{len(guesses)} keys from tutorials and examples, each "
+              f"signing exp a year on: the server took one", "token": None}
+    first, rest = guesses[0], {id(result) for result in guesses[1:]}
+    return [folded if result is first else result for result in results
+            if id(result) not in rest]
 
 
 def secret_strength(token, key):

@@ -302,6 +302,10 @@ BAD_TOKENS = [
          (HEAD + "." + b64url_encode(b"{nope")).encode(), SECRET.encode())),
      "JsonWebTokenError", "invalid token"),
     ("payload an array", forge(GOOD_HEADER, [1, 2]), "JsonWebTokenError", "invalid token"),
+    # The signature is checked before the payload is read: a payload that is not even JSON,
+    # under a signature that is not its own, is refused for the signature.
+    ("payload not JSON, signature not its own", f"{HEAD}.{b64url_encode(b'{nope')}.{SIGNATURE}",
+     "JsonWebTokenError", "invalid signature"),
     ("no exp", forge(GOOD_HEADER, {"id": 81623, "username": "test"}), "JsonWebTokenError",
      "invalid exp value"),
     ("exp a string", forge(GOOD_HEADER, dict(GOOD_CLAIMS, exp=str(NOW + 60))), "JsonWebTokenError",
@@ -5824,6 +5828,7 @@ class TestAttackCommand(unittest.TestCase):
                          (False, 101101))
         self.assertGreater(report["secret"]["perSecond"], 0)
         self.assertEqual(report["secret"]["configuredBits"], 256)
+        self.assertNotIn(SECRET, json.dumps(report))
         self.assertTrue(report["ok"])
         # The login's session was logged out: the tokens in the report are dead.
         self.assertEqual(self.server.sessions.sessions_of("test", time.time(), None), [])
@@ -5848,6 +5853,7 @@ class TestAttackCommand(unittest.TestCase):
         self.assertLessEqual(len(oversized.group(1)), 99)
         self.assertGreater(int(oversized.group(2)), authserver.MAX_TOKEN_BYTES)
         self.assertIn("\n  3 guesses from the wordlist", out)
+        self.assertNotIn(SECRET, out)                # the server's own secret, known here
         self.assertIn(f"\n{len(authserver.ATTACKS)} attacks: {len(authserver.ATTACKS)} refused, "
                       f"0 ACCEPTED, 0 unclear, 0 skipped.\nVerdict: every attack was refused "
                       f"and the secret was not guessed.\n", out)
@@ -5900,6 +5906,13 @@ class TestAttackCommand(unittest.TestCase):
         self.assertIn("\n           \033[31m200 OK: the server accepted a forged token: it is "
                       "vulnerable", out)
         self.assertIn("\033[31mVerdict: VULNERABLE (see above).\033[0m", out)
+        self.assertIn("  \033[32mrefused \033[0m signature removed\n", out)
+        with mock.patch.dict(os.environ, {"NO_COLOR": "1"}):
+            code, out, _ = run_attack("--config", self.files.config, "--url", stand_in.url,
+                                      "--user", "test", "--password", "test",
+                                      guesses=FEW_GUESSES, stdout=Terminal())
+        self.assertEqual(code, 1)
+        self.assertNotIn("\033[", out)
 
     def test_a_server_signing_with_secret_is_caught_online_and_offline_and_never_shown(self):
         stand_in = VulnerableServer(self, "secret")
@@ -5907,13 +5920,12 @@ class TestAttackCommand(unittest.TestCase):
                                         "--user", "test", "--password", "test",
                                         guesses=FEW_GUESSES)
         self.assertEqual(code, 1)
-        # Accepted, that attack's name (or its place among the six, or its token) would say
-        # the key: all six are named alike, and their tokens are left out.
+        # Accepted, that attack's name, its place among the six or its token would say the
+        # key: the six are folded into one row, without a token.
         hidden = "signed with a key from the wordlist (which one is not shown)"
-        self.assertEqual([result["name"] for result in report["attacks"]
-                          if result["verdict"] == "ACCEPTED"], [hidden])
-        guesses = [result for result in report["attacks"] if result["name"] == hidden]
-        self.assertEqual([result["token"] for result in guesses], [None] * 6)
+        self.assertEqual([(result["name"], result["token"]) for result in report["attacks"]
+                          if result["verdict"] == "ACCEPTED"], [(hidden, None)])
+        self.assertEqual(len(report["attacks"]), len(authserver.ATTACKS) - 5)
         self.assertNotIn('"secret"', json.dumps(report["attacks"]))
         self.assertTrue(report["secret"]["found"])
         # A key the online attacks do not try, found offline, and shown nowhere.
@@ -5930,6 +5942,15 @@ class TestAttackCommand(unittest.TestCase):
         self.assertNotIn("Jwt_secret42", json.dumps(report))
         self.assertEqual((code, report["secret"]["found"], report["counts"]["ACCEPTED"]),
                          (1, True, 0))
+
+    def test_the_readmes_stand_in_signs_with_secret_and_takes_alg_none(self):
+        stand_in = VulnerableServer(self, "secret", flaw="none")
+        code, report = self.attack_json("--config", self.files.config, "--url", stand_in.url,
+                                        "--user", "test", "--password", "test",
+                                        guesses=FEW_GUESSES)
+        self.assertEqual((code, report["counts"]),
+                         (1, {"refused": 16, "ACCEPTED": 9, "unclear": 0, "skipped": 7}))
+        self.assertTrue(report["secret"]["found"])
 
     def test_every_request_goes_to_the_url_given_and_headers_name_loopback_only(self):
         stand_in = VulnerableServer(self, SECRET)
@@ -6511,6 +6532,7 @@ class TestAttackHostileServers(unittest.TestCase):
         self.assertNotIn("Rr" * 21 + "X", out + err)
 
     def test_an_answer_that_trickles_is_cut_off_at_the_deadline(self):
+        self.assertEqual(authserver.ANSWER_DEADLINE, 30)         # as the README says
         server = HostileServer(self, "trickle")
         with mock.patch.object(authserver, "ANSWER_DEADLINE", 0.5):
             code, report = (lambda c, o, e: (c, json.loads(o)))(*self.attack(server, "--json"))
@@ -6559,6 +6581,7 @@ class TestAttackSecretsAndArguments(unittest.TestCase):
                 code, out, err = main_in_process("--config", files.config, "token", "test")
                 self.assertEqual((code, out), (2, ""))
                 self.assertIn("is a key copied from tutorials and examples", err)
+                self.assertIn("Make one with: python -c", err)
                 self.assertNotIn(secret, err)
         self.assertEqual(authserver.checked_secret(SECRET, "x"), SECRET.encode())
         # in_wordlist agrees with the list the attack tries, without making it.
@@ -6642,6 +6665,18 @@ class TestAttackForgeries(unittest.TestCase):
                 forged_claims = json.loads(b64url_decode(token.split(".")[1]))
                 self.assertLessEqual(forged_claims["exp"], claims["exp"])
                 self.assertEqual(forged_claims.get("iat"), claims.get("iat"))
+
+    def test_verdicts(self):
+        [none] = [attack for attack in authserver.ATTACKS if attack.name == 'alg "none", no signature']
+        for status, message, expected in (
+                (200, None, ("ACCEPTED", None)), (204, "", ("ACCEPTED", None)),
+                (401, "invalid algorithm", ("refused", "read_header")),
+                (401, "invalid signature", ("refused", "check_signature")),
+                (403, "No token provided.", ("refused", None)), (400, None, ("refused", None)),
+                (429, "slow down", ("unclear", None)), (500, "oops", ("unclear", None)),
+                (503, None, ("unclear", None)), (302, None, ("unclear", None))):
+            with self.subTest(status=status, message=message):
+                self.assertEqual(authserver.verdict(none, status, message), expected)
 
     def test_a_forgery_that_would_be_the_token_itself_is_not_made(self):
         rs256 = authserver.signed_with(SECRET, {"alg": "RS256", "typ": "JWT"},
