@@ -1210,9 +1210,10 @@ class TestCommandLine(unittest.TestCase):
         server = start_server(self, files)                     # what the server itself says
         client = Client(server)
         self.addCleanup(client.close)
-        for token, code, verdict in cases:
+        for token, code, verdict in cases:      # in this process; below, as a command
             with self.subTest(verdict):
-                result = run_cli("explain", token, "--config", files.config, "--users", files.users)
+                result = subprocess.CompletedProcess("explain", *main_in_process(
+                    "explain", token, "--config", files.config, "--users", files.users))
                 self.assertEqual(result.returncode, code, result.stdout + result.stderr)
                 self.assertIn(verdict, result.stdout)
                 self.assertNotIn(SECRET, result.stdout)
@@ -3186,17 +3187,23 @@ class TestLimitsConfigNumbers(unittest.TestCase):
 
     def test_command_line_port_and_config_errors_are_one_line_exit_2(self):
         files = Files(self)
-        for port in ("99999", "-1", "65536"):
+        # In this process (main refuses before it serves); one run as a command is enough.
+        result = run_cli("--port", "99999", "--config", files.config, "--users", files.users)
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "authserver: --port: port must be a whole number from 0 to 65535\n"))
+        for port in ("-1", "65536"):
             with self.subTest(port=port):
-                result = run_cli("--port", port, "--config", files.config, "--users", files.users)
-                self.assertEqual((result.returncode, result.stderr),
-                                 (2, "authserver: --port: port must be a whole number "
-                                     "from 0 to 65535\n"))
+                code, out, err = main_in_process("--port", port, "--config", files.config,
+                                                 "--users", files.users)
+                self.assertEqual((code, out, err),
+                                 (2, "", "authserver: --port: port must be a whole number "
+                                         "from 0 to 65535\n"))
         for setting, message in (({"accessLog": "false"}, "accessLog must be true or false"),
                                  ({"tokenLifetime": "1w"}, "tokenLifetime must be")):
             with self.subTest(setting):
                 bad = Files(self, **setting)
-                result = run_cli("--config", bad.config, "--users", bad.users)
+                result = subprocess.CompletedProcess("serve", *main_in_process(
+                    "--config", bad.config, "--users", bad.users))
                 self.assertEqual(result.returncode, 2)
                 self.assertTrue(result.stderr.startswith(
                     f"authserver: config file {bad.config}: {message}"), result.stderr)
@@ -4535,12 +4542,14 @@ class TestBenchMechanisms(unittest.TestCase):
     def test_every_bench_script_imports_and_answers_help(self):
         scripts = sorted((HERE / "bench").glob("bench_*.py"))
         self.assertGreaterEqual(len(scripts), 6)
-        for script in scripts:
-            with self.subTest(script.name):
-                done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                                      text=True, timeout=60)
-                self.assertEqual((done.returncode, done.stderr), (0, ""))
-                self.assertIn("usage:", done.stdout)
+        running = {script.name: subprocess.Popen(           # all at once: each is a startup
+            [sys.executable, str(script), "--help"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True) for script in scripts}
+        for name, process in running.items():
+            with self.subTest(name):
+                out, err = process.communicate(timeout=60)
+                self.assertEqual((process.returncode, err), (0, ""))
+                self.assertIn("usage:", out)
 
 
 # ---------------------------------------------------------------------------
@@ -6594,9 +6603,10 @@ class TestAttackSecretsAndArguments(unittest.TestCase):
         files = Files(self, passwordIterations=FAST_ITERATIONS)
         server = start_server(self, files)
         port = server.server_address[1]
-        code, out, err = main_in_process("--host", "127.0.0.1", "--port", port, "attack",
-                                         "--config", files.config, "--token",
-                                         f"Bearer {token_for()}", "--json")
+        with mock.patch.object(authserver, "wordlist_guesses", lambda: iter(FEW_GUESSES)):
+            code, out, err = main_in_process("--host", "127.0.0.1", "--port", port, "attack",
+                                             "--config", files.config, "--token",
+                                             f"Bearer {token_for()}", "--json")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(json.loads(out)["url"], f"http://127.0.0.1:{port}")
 
