@@ -316,11 +316,14 @@ def remove_stale_temporaries(path):
         leftover.unlink(missing_ok=True)
 
 
-def load_secret(config):
-    """The HMAC key as bytes: config's "secret", else secretFile, made on first start."""
+def load_secret(config, make=True):
+    """The HMAC key as bytes: config's "secret", else secretFile, made on first start (or,
+    with make=False, None while there is no secretFile: a command that only reads)."""
     if config["secret"]:
         return checked_secret(config["secret"], f"secret in {config['path']}")
     path = config["path"].parent / config["secretFile"]
+    if not path.exists() and not make:
+        return None
     if not path.exists():
         # 256 random bits, different on every install: a secret shipped in the
         # repository would let anyone who read it sign tokens for any user. Made under
@@ -3462,7 +3465,7 @@ def serve(args):
 
 # -- managing users -----------------------------------------------------------
 
-def read_new_password(stdin=None, prompt="New password: ", repeat="Repeat it: "):
+def read_password(stdin=None, prompt="New password: ", repeat="Repeat it: "):
     """From the terminal with getpass (asked twice, unless repeat is None), or one line from
     stdin for scripts."""
     stdin = stdin or sys.stdin
@@ -3491,7 +3494,7 @@ def add_user(args):
     check_username(username, "adduser")
     path = args.users
     refuse_taken(read_users_list(path), username, path)         # say so before the prompt
-    password_hash = hash_password(read_new_password(),
+    password_hash = hash_password(read_password(),
                                   load_config(args.config)["passwordIterations"])
     fields = {field: value for field, value in (("firstName", args.first_name),
                                                 ("lastName", args.last_name),
@@ -3508,7 +3511,7 @@ def change_password(args):
     find_user_record(read_users_list(path), args.username, path)     # before the prompt
     config = load_config(args.config)
     with contextlib.closing(open_sessions(config)) as sessions:
-        password_hash = hash_password(read_new_password(), config["passwordIterations"])
+        password_hash = hash_password(read_password(), config["passwordIterations"])
 
         def set_hash(users):
             user = find_user_record(users, args.username, path)
@@ -4087,7 +4090,7 @@ def genuine_token(args, target):
                           "password is asked for, or --password PW) or --token TOKEN")
     password = args.password
     if password is None:
-        password = read_new_password(prompt=f"Password for {args.user}: ", repeat=None)
+        password = read_password(prompt=f"Password for {args.user}: ", repeat=None)
     body = json_bytes({"username": args.user,
                        "password": base64.b64encode(password.encode("utf-8")).decode()})
     status, answer = target.ask("POST", "/users/authenticate", body,
@@ -4105,17 +4108,13 @@ def server_secret(args, token):
     """This machine's secret, if it is the secret that signed token; else None.
 
     Only the key's holder can make the attacks marked needs="key"; run beside the server,
-    with its config, attack is that holder. The secret is read, never made (load_secret
-    would make one), and never shown.
+    with its config, attack is that holder. The secret is read, never made, never shown.
     """
     try:
-        config = load_config(args.config)
-        if config["secret"]:
-            key = checked_secret(config["secret"], "secret")
-        else:
-            path = config["path"].parent / config["secretFile"]
-            key = checked_secret(path.read_text(encoding="utf-8-sig").strip(), "secret file")
-    except (ConfigError, OSError):
+        key = load_secret(load_config(args.config), make=False)
+    except ConfigError:
+        return None
+    if key is None:
         return None
     header_segment, payload_segment, signature_segment = token.split(".")
     signature = b64url_encode(sign(f"{header_segment}.{payload_segment}".encode("ascii"), key))

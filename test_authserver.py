@@ -1630,7 +1630,7 @@ class TestCliInterrupts(unittest.TestCase):
         for command in ("passwd", "adduser"):
             stderr = io.StringIO()
             with self.subTest(command), mock.patch("sys.stderr", stderr), \
-                    mock.patch.object(authserver, "read_new_password",
+                    mock.patch.object(authserver, "read_password",
                                       side_effect=KeyboardInterrupt):
                 try:
                     code = authserver.main([command, "someone" if command == "adduser" else "test",
