@@ -830,6 +830,12 @@ def a_year_on(old, now):
     return (old if is_number(old) else int(now)) + 365 * 86400
 
 
+def a_year_on_with(key):
+    """The genuine claims with exp a year on, signed with key."""
+    return lambda genuine: signed_with(key, HS256_HEADER, {
+        **genuine.claims, "exp": a_year_on(genuine.claims.get("exp"), genuine.now)})
+
+
 ONLINE_GUESSES = WORDLIST[:6]      # the keys tried on the server; all are tried offline
 
 
@@ -839,12 +845,6 @@ def key_guess_name(key):
 
 # Once the server accepts one of them, its name says the server's key: not to be shown.
 KEY_GUESS_NAMES = frozenset(key_guess_name(key) for key in ONLINE_GUESSES)
-
-
-def a_year_on_with(key):
-    """The genuine claims with exp a year on, signed with key."""
-    return lambda genuine: signed_with(key, HS256_HEADER, {
-        **genuine.claims, "exp": a_year_on(genuine.claims.get("exp"), genuine.now)})
 
 
 def signature_attacks():
